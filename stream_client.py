@@ -1,0 +1,90 @@
+"""Step 1 client: print each chunk of a stream the moment it arrives.
+
+Start the server first (python stream_server.py), then:
+
+    python stream_client.py                         # 10 chunks, 0.5 s apart
+    python stream_client.py --count 5 --interval 1
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:5000/stream"
+# The read timeout is the longest silence allowed between two chunks, not a limit
+# on the whole stream, so it must be longer than the server's longest interval (60 s).
+READ_TIMEOUT = 70.0
+
+
+class StreamError(Exception):
+    """Something went wrong that the user should read as one line, not a traceback."""
+
+
+def check_status(response: requests.Response) -> None:
+    """Turn an HTTP error status into a StreamError carrying the server's own message."""
+    if response.ok:
+        return
+    try:
+        message = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        message = response.reason
+    raise StreamError(f"server answered {response.status_code}: {message}")
+
+
+def stream_chunks(
+    url: str, count: int, interval: float, read_timeout: float = READ_TIMEOUT
+) -> Iterator[str]:
+    """Yield the stream's chunks as text, each as soon as it has arrived."""
+    params = {"count": count, "interval": interval}
+    timeout = (3.05, read_timeout)  # (connect, read) in seconds
+    connected = False
+    try:
+        # stream=True: return once the headers are in, leaving the body unread.
+        with requests.get(url, params=params, stream=True, timeout=timeout) as response:
+            connected = True
+            check_status(response)
+            # chunk_size=None hands over each chunk as soon as it arrives. A fixed size
+            # would hold text back until that many bytes have come, and iter_lines
+            # waits for whole lines on top of that, so a slow stream would look stuck.
+            yield from response.iter_content(chunk_size=None, decode_unicode=True)
+    except requests.exceptions.ChunkedEncodingError:
+        raise StreamError("the stream was cut off before its end") from None
+    except (requests.ConnectionError, requests.Timeout) as error:
+        if connected or isinstance(error, requests.ReadTimeout):
+            raise StreamError(f"the server sent nothing for {read_timeout:g}s") from None
+        raise StreamError(
+            f"cannot connect to {url}: is the server running? "
+            "Start it with: python stream_server.py"
+        ) from None
+    except requests.RequestException as error:  # a malformed URL, for one
+        raise StreamError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a chunked stream as it arrives.")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"stream URL (default: {DEFAULT_URL})")
+    parser.add_argument("--count", type=int, default=10, help="chunks to ask for")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    chunks = size = 0
+    try:
+        for chunk in stream_chunks(args.url, args.count, args.interval):
+            chunks += 1
+            size += len(chunk.encode())
+            print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)
+    except StreamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: stop quietly, the usual exit status for it
+    print(f"done: {chunks} chunks, {size} bytes in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

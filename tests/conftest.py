@@ -1,0 +1,58 @@
+"""Fixtures shared by every step's tests: a real server on a free port, and a gate
+that holds a stream between two chunks until the test lets it go on."""
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from helpers import WAIT
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Flask], str]]:
+    """Run apps in Werkzeug's threaded server on 127.0.0.1, a free port each; give base URLs."""
+    servers = []
+
+    def start(app: Flask) -> str:
+        # threaded=True, as in the scripts: without it the server speaks HTTP/1.0, not chunked.
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+class Gate:
+    """Stands in for a server module's `sleep`: a stream pauses here between two
+    chunks until the test opens the gate, so tests never depend on timing."""
+
+    def __init__(self) -> None:
+        self.paused = threading.Semaphore(0)  # released once each time a stream pauses
+        self._open = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        self.paused.release()
+        if not self._open.wait(WAIT):
+            raise TimeoutError("the test never opened the gate")
+
+    def wait_for_pause(self) -> None:
+        assert self.paused.acquire(timeout=WAIT), "no stream paused"
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    gate = Gate()
+    yield gate
+    gate.open()  # let any stream still paused run to its end

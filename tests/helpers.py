@@ -1,0 +1,39 @@
+"""Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
+
+import socket
+import time
+from collections.abc import Callable
+
+WAIT = 10.0  # seconds: the most any test waits for something that should happen at once
+
+
+def free_port() -> int:
+    """A port nobody listens on: bound by the OS for a moment, then released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raw_get(base_url: str, path: str) -> bytes:
+    """Send a GET over a bare socket and return every byte of the answer, framing included."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    return answer
+
+
+def chunked(*payloads: bytes) -> bytes:
+    """The exact chunked body that carries `payloads`: hex size, CRLF, data, CRLF; then 0."""
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads)
+    return framed + b"0\r\n\r\n"
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    """Check `condition` until it holds, for at most WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
