@@ -1,0 +1,127 @@
+"""Step 3 client: get a token, look inside it, and stream with it.
+
+Start the server first (python stream_server_multiuser_secure.py), then:
+
+    python stream_client_multiuser_secure.py                   # mints a token for User1
+    python stream_client_multiuser_secure.py --user Alice --count 5
+    python stream_client_multiuser_secure.py --token "$TOKEN"  # one minted with curl
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import jwt
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:5000"
+# The read timeout is the longest silence allowed between two chunks, not a limit
+# on the whole stream, so it must be longer than the server's longest interval (60 s).
+READ_TIMEOUT = 70.0
+
+
+class StreamError(Exception):
+    """Something went wrong that the user should read as one line, not a traceback."""
+
+
+def server_down(url: str) -> StreamError:
+    return StreamError(
+        f"cannot connect to {url}: is the server running? "
+        "Start it with: python stream_server_multiuser_secure.py"
+    )
+
+
+def check_status(response: requests.Response) -> None:
+    """Turn an HTTP error status into a StreamError carrying the server's own message."""
+    if response.ok:
+        return
+    try:
+        body = response.json()
+        message = body.get("error_description") or body["error"]  # a 401 explains itself
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message = response.reason
+    raise StreamError(f"server answered {response.status_code}: {message}")
+
+
+def mint_token(base_url: str, user: str) -> str:
+    """Ask the server for a token, as the README's curl command does."""
+    url = f"{base_url}/generate_token"
+    try:
+        response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10))
+    except requests.ConnectionError:
+        raise server_down(url) from None
+    except requests.RequestException as error:  # a malformed URL, for one
+        raise StreamError(str(error)) from None
+    check_status(response)
+    return response.json()["access_token"]
+
+
+def show_claims(token: str) -> None:
+    """Print what the token carries, so the reader sees that a JWT is readable by anyone."""
+    try:
+        # Decoded WITHOUT checking the signature: a client has no key to check it
+        # with, and anybody can write a token that claims anything. Only the server,
+        # which verifies the signature, may trust these claims.
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.DecodeError as error:
+        raise StreamError(f"that is not a JWT ({error})") from None
+    print(f"token claims (not verified here): {json.dumps(claims)}")
+    if isinstance(claims.get("exp"), int):
+        expires = datetime.fromtimestamp(claims["exp"], timezone.utc)
+        print(f"token expires at {expires:%H:%M:%S} UTC")
+
+
+def stream_chunks(url: str, token: str, count: int, interval: float) -> Iterator[str]:
+    """Yield the stream's chunks as text, each as soon as it has arrived (see step 1)."""
+    params = {"count": count, "interval": interval}
+    # The token goes in a header, never in the URL: URLs end up in logs and histories.
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = (3.05, READ_TIMEOUT)
+    connected = False
+    try:
+        with requests.get(url, params=params, headers=headers, stream=True, timeout=timeout) as r:
+            connected = True
+            check_status(r)
+            yield from r.iter_content(chunk_size=None, decode_unicode=True)
+    except requests.exceptions.ChunkedEncodingError:
+        raise StreamError("the stream was cut off before its end") from None
+    except (requests.ConnectionError, requests.Timeout) as error:
+        if connected or isinstance(error, requests.ReadTimeout):
+            raise StreamError(f"the server sent nothing for {READ_TIMEOUT:g}s") from None
+        raise server_down(url) from None
+    except requests.RequestException as error:
+        raise StreamError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stream one user's data with a bearer token.")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default: {DEFAULT_URL})")
+    parser.add_argument("--user", default="User1", help="user to mint a token for")
+    parser.add_argument("--token", help="use this token instead of minting one")
+    parser.add_argument("--count", type=int, default=10, help="chunks to ask for")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
+    args = parser.parse_args(argv)
+
+    try:
+        token = args.token or mint_token(args.url, args.user)
+        show_claims(token)
+        started = time.monotonic()
+        chunks = size = 0
+        for chunk in stream_chunks(f"{args.url}/stream", token, args.count, args.interval):
+            chunks += 1
+            size += len(chunk.encode())
+            print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)
+    except StreamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: stop quietly, the usual exit status for it
+    print(f"done: {chunks} chunks, {size} bytes in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Step 3: stream_server_multiuser_secure.py and stream_client_multiuser_secure.py."""
+
+import base64
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+import jwt
+import pytest
+
+import show_chunks
+import stream_client_multiuser_secure as secure_client
+import stream_server_multiuser_secure as server
+from helpers import free_port
+
+# 64 bytes or more, so that PyJWT accepts them for HS512 forgeries too.
+KEY = b"the test signing key " * 4
+OTHER_KEY = b"some other signing key " * 4
+CHALLENGE = 'Bearer realm="streams"'
+
+
+@pytest.fixture(autouse=True)
+def test_key_and_fresh_tracker(monkeypatch):
+    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", KEY)
+    monkeypatch.setattr(server, "tracker", server.StreamTracker())
+    monkeypatch.setattr(server, "sleep", lambda seconds: None)
+
+
+@pytest.fixture
+def client():
+    return server.app.test_client()
+
+
+def token_for(sub="Alice", key=KEY, algorithm="HS256", **changes) -> str:
+    """Forge a token with PyJWT: valid unless `changes` say otherwise (None drops a claim)."""
+    now = int(time.time())
+    claims = {"sub": sub, "iat": now, "exp": now + 3600, **changes}
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def mint(client, **kwargs):
+    return client.post("/generate_token", **kwargs)
+
+
+# Minting
+
+
+def test_the_seeds_mint_request_returns_a_bearer_token(client):
+    response = mint(client, json={"user_id": "User1"})
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = response.json
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 15 * 60
+    token = body["access_token"]
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    claims = jwt.decode(token, KEY, algorithms=["HS256"])
+    assert set(claims) == {"sub", "iat", "exp"}
+    assert claims["sub"] == "User1"
+    assert claims["exp"] - claims["iat"] == 15 * 60
+
+
+def test_token_lifetime_is_configurable(client, monkeypatch):
+    monkeypatch.setitem(server.app.config, "TOKEN_LIFETIME", 30)
+    body = mint(client, json={"user_id": "User1"}).json
+    claims = jwt.decode(body["access_token"], KEY, algorithms=["HS256"])
+    assert body["expires_in"] == claims["exp"] - claims["iat"] == 30
+
+
+USER_ID_RULE = "user_id must be a string of 1 to 64 characters of A-Z a-z 0-9 _ . -"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "error"),
+    [
+        ({"data": "user_id=User1"}, 415, "send the body as JSON"),
+        ({"data": "{not json", "content_type": "application/json"}, 400, "must be a JSON object"),
+        ({"json": ["User1"]}, 400, "must be a JSON object"),
+        ({"json": "User1"}, 400, "must be a JSON object"),
+        ({"data": "null", "content_type": "application/json"}, 400, "must be a JSON object"),
+        ({"json": {}}, 400, "user_id is missing"),
+        ({"json": {"user": "User1"}}, 400, "user_id is missing"),
+        ({"json": {"user_id": 42}}, 400, USER_ID_RULE),
+        ({"json": {"user_id": ["User1"]}}, 400, USER_ID_RULE),
+        ({"json": {"user_id": ""}}, 400, USER_ID_RULE),
+        ({"json": {"user_id": "U" * 65}}, 400, USER_ID_RULE),
+        ({"json": {"user_id": "bad user"}}, 400, USER_ID_RULE),
+        ({"json": {"user_id": "x" * 2000}}, 413, "exceeds the capacity limit"),
+    ],
+)
+def test_bad_mint_requests_get_clear_json_errors(client, request_kwargs, status, error):
+    response = mint(client, **request_kwargs)
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    assert error in response.json["error"]
+    assert "access_token" not in response.text
+
+
+def test_minting_needs_post(client):
+    response = client.get("/generate_token")
+    assert response.status_code == 405
+    assert response.json["error"]
+
+
+def test_an_unset_secret_means_a_random_key_and_one_warning(monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET_KEY", raising=False)
+    first, second = server.load_secret_key(), server.load_secret_key()
+    assert len(first) == 32
+    assert first != second
+    assert "tokens will not survive a restart" in caplog.text
+
+
+def test_a_short_secret_stops_the_server(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET_KEY", "x" * 31)
+    with pytest.raises(SystemExit, match="at least 32 bytes"):
+        server.load_secret_key()
+
+
+def test_the_secret_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET_KEY", KEY.decode())
+    assert server.load_secret_key() == KEY
+
+
+# Streaming with a token
+
+
+def test_a_token_streams_its_own_user_only(client):
+    for user in ["Alice", "Bob"]:
+        response = client.get("/stream?count=2", headers=bearer(token_for(user)))
+        assert response.status_code == 200
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert response.text == f"chunk 1 of 2 for {user}\nchunk 2 of 2 for {user}\n"
+
+
+def test_there_is_no_way_to_name_another_user(client):
+    response = client.get("/stream?count=1&user_id=Bob", headers=bearer(token_for("Alice")))
+    assert response.text == "chunk 1 of 1 for Alice\n"
+    assert client.get("/stream/Bob", headers=bearer(token_for("Alice"))).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "", "Bearer", "Bearer   ", "Basic QWxpY2U6cGFzcw==", "Token abc"]
+)
+def test_no_bearer_credentials_get_a_bare_challenge(client, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = client.get("/stream", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == CHALLENGE
+    assert "Authorization: Bearer" in response.json["error"]
+    assert "chunk" not in response.text
+
+
+def tampered() -> str:
+    header, _, signature = token_for("Alice").split(".")
+    now = int(time.time())
+    return f"{header}.{b64({'sub': 'Bob', 'iat': now, 'exp': now + 3600})}.{signature}"
+
+
+def other_algorithm(alg: str) -> str:
+    """A token that names an algorithm the server does not accept, signature or not."""
+    now = int(time.time())
+    claims = {"sub": "Alice", "iat": now, "exp": now + 3600}
+    return f"{b64({'alg': alg, 'typ': 'JWT'})}.{b64(claims)}.c2lnbmF0dXJl"
+
+
+NOW = int(time.time())
+BAD_TOKENS = {
+    "garbage": ("not-a-jwt", "the token is malformed"),
+    "two segments": ("abc.def", "the token is malformed"),
+    "header not json": ("bm90IGpzb24.e30.c2ln", "the token is malformed"),
+    "wrong key": (token_for(key=OTHER_KEY), "the token signature does not match"),
+    "tampered payload": (tampered(), "the token signature does not match"),
+    "no signature": (token_for().rsplit(".", 1)[0] + ".", "the token signature does not match"),
+    "alg none": (token_for(key=None, algorithm="none"), "the token is not signed with HS256"),
+    "HS512": (token_for(algorithm="HS512"), "the token is not signed with HS256"),
+    "RS256": (other_algorithm("RS256"), "the token is not signed with HS256"),
+    "expired": (token_for(iat=NOW - 120, exp=NOW - 60), "the token has expired"),
+    "nbf in the future": (token_for(nbf=NOW + 3600), "the token is not valid yet"),
+    "iat in the future": (token_for(iat=NOW + 3600), "the token is not valid yet"),
+    "no sub": (token_for(sub=None), "the token lacks a required claim (sub, iat or exp)"),
+    "no iat": (token_for(iat=None), "the token lacks a required claim (sub, iat or exp)"),
+    "no exp": (token_for(exp=None), "the token lacks a required claim (sub, iat or exp)"),
+    "numeric sub": (token_for(sub=42), "the token is malformed"),
+    "text exp": (token_for(exp="tomorrow"), "the token is malformed"),
+    "oversized": (token_for(padding="x" * 1000), "the token is too long"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_TOKENS)
+def test_every_bad_token_gets_401_invalid_token_and_no_data(client, name, caplog):
+    token, description = BAD_TOKENS[name]
+    caplog.set_level(logging.INFO)
+    response = client.get("/stream?count=3", headers=bearer(token))
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == (
+        f'{CHALLENGE}, error="invalid_token", error_description="{description}"'
+    )
+    assert response.json == {"error": "invalid_token", "error_description": description}
+    assert "chunk" not in response.text
+    assert token not in response.text
+    assert token not in caplog.text
+    assert KEY.decode() not in caplog.text
+    assert server.tracker.snapshot() == {"active": {}, "served": 0}
+
+
+def test_status_needs_a_valid_token(client):
+    assert client.get("/status").status_code == 401
+    assert client.get("/status", headers=bearer(BAD_TOKENS["expired"][0])).status_code == 401
+    client.get("/stream?count=1", headers=bearer(token_for("Alice")))
+    response = client.get("/status", headers=bearer(token_for("Bob")))
+    assert response.json == {"active": {}, "served": 1}
+
+
+def test_the_token_is_checked_before_the_numbers(client):
+    assert client.get("/stream?count=0").status_code == 401
+    response = client.get("/stream?count=0", headers=bearer(token_for()))
+    assert response.status_code == 400
+    assert response.json["error"].startswith("count must be")
+
+
+def test_after_a_barrage_of_bad_input_the_server_still_serves(client):
+    for token, _ in BAD_TOKENS.values():
+        client.get("/stream", headers=bearer(token))
+    for body in ["", "[]", "{", '{"user_id": 1}', "x" * 5000]:
+        mint(client, data=body, content_type="application/json")
+    token = mint(client, json={"user_id": "Survivor"}).json["access_token"]
+    response = client.get("/stream?count=1", headers=bearer(token))
+    assert response.text == "chunk 1 of 1 for Survivor\n"
+
+
+# Against the real server, with the real client
+
+
+def test_client_mints_shows_claims_and_streams(serve, capsys):
+    argv = ["--url", serve(server.app), "--user", "Alice", "--count", "2", "--interval", "0"]
+    assert secure_client.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prefix = "token claims (not verified here): "
+    claims = json.loads(lines[0].removeprefix(prefix))
+    assert claims["sub"] == "Alice"
+    assert claims["exp"] - claims["iat"] == 15 * 60
+    expires = datetime.fromtimestamp(claims["exp"], timezone.utc)
+    assert lines[1] == f"token expires at {expires:%H:%M:%S} UTC"
+    assert lines[2].endswith("chunk 1 of 2 for Alice")
+    assert lines[3].endswith("chunk 2 of 2 for Alice")
+    assert lines[4].startswith("done: 2 chunks, 46 bytes in ")
+
+
+def test_client_streams_with_a_token_minted_elsewhere(serve, capsys):
+    argv = ["--url", serve(server.app), "--token", token_for("Bob"), "--count", "1"]
+    assert secure_client.main(argv) == 0
+    assert "chunk 1 of 1 for Bob" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (BAD_TOKENS["expired"][0], "the token has expired"),
+        (BAD_TOKENS["wrong key"][0], "the token signature does not match"),
+    ],
+)
+def test_client_prints_the_401_description(serve, capsys, token, message):
+    assert secure_client.main(["--url", serve(server.app), "--token", token]) == 1
+    assert capsys.readouterr().err == f"error: server answered 401: {message}\n"
+
+
+def test_client_rejects_a_token_that_is_no_jwt(capsys):
+    assert secure_client.main(["--token", "hello"]) == 1
+    assert capsys.readouterr().err == "error: that is not a JWT (Not enough segments)\n"
+
+
+def test_client_reports_a_refused_mint(serve, capsys):
+    assert secure_client.main(["--url", serve(server.app), "--user", "no spaces"]) == 1
+    assert capsys.readouterr().err == f"error: server answered 400: {USER_ID_RULE}\n"
+
+
+def test_client_says_when_the_server_is_not_running(capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert secure_client.main(["--url", url]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot connect to {url}/generate_token: is the server running? "
+        "Start it with: python stream_server_multiuser_secure.py\n"
+    )
+
+
+def test_the_wire_carries_chunks_only_with_a_valid_token(serve):
+    url = serve(server.app) + "/stream?count=2&interval=0"
+    sock, wire = show_chunks.send_request(url, [f"Authorization: Bearer {token_for('Alice')}"])
+    with sock, wire:
+        head = show_chunks.read_head(wire)
+        assert head[0] == "HTTP/1.1 200 OK"
+        assert "Transfer-Encoding: chunked" in head
+        assert [payload for _, payload in show_chunks.read_chunks(wire)] == [
+            b"chunk 1 of 2 for Alice\n",
+            b"chunk 2 of 2 for Alice\n",
+            b"",
+        ]
+    sock, wire = show_chunks.send_request(url, ["Authorization: Bearer forged"])
+    with sock, wire:
+        head = show_chunks.read_head(wire)
+        assert head[0] == "HTTP/1.1 401 UNAUTHORIZED"
+        assert "Transfer-Encoding: chunked" not in head
