@@ -46,9 +46,12 @@ def stream_chunks(
         with requests.get(url, params=params, stream=True, timeout=timeout) as response:
             connected = True
             check_status(response)
-            # chunk_size=None hands over each chunk as soon as it arrives. A fixed size
-            # would hold text back until that many bytes have come, and iter_lines
-            # waits for whole lines on top of that, so a slow stream would look stuck.
+            # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
+            # A number would cut chunks into pieces of that size (and, on a body that
+            # is not chunked, wait until that many bytes have come); iter_lines holds
+            # text back until a newline arrives, so a chunk without one (a word of
+            # generated text, say) would wait for the next line. decode_unicode uses the
+            # charset the server named, and keeps a character split across chunks whole.
             yield from response.iter_content(chunk_size=None, decode_unicode=True)
     except requests.exceptions.ChunkedEncodingError:
         raise StreamError("the stream was cut off before its end") from None

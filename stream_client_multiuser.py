@@ -7,6 +7,7 @@ Start the server first (python stream_server_multiuser.py), then:
 """
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except (requests.RequestException, ValueError) as error:
         print(f"error: cannot read {args.url}/status: {error}", file=sys.stderr)
         return 1
-    print(f"server status: {status}")
+    print(f"server status: {json.dumps(status)}")
     return 0
 
 

@@ -114,7 +114,7 @@ def test_fifty_users_stream_at_the_same_time(serve, monkeypatch, capsys):
     assert sorted((user, n) for user, n, _ in received) == sorted(
         (user, n) for user in users for n in "12"
     )
-    assert lines[-1] == "server status: {'active': {}, 'served': 50}"
+    assert lines[-1] == 'server status: {"active": {}, "served": 50}'
 
 
 def test_a_client_that_hangs_up_is_no_longer_active(serve, gated, caplog):
