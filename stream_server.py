@@ -32,7 +32,9 @@ def generate_chunks(count: int, interval: float) -> Iterator[str]:
     delivered = 0
     try:
         for number in range(1, count + 1):
-            if number > 1:
+            # No pause before the first chunk, nor at interval=0: even sleep(0) costs
+            # a system call and a thread switch per chunk: about 5 times fewer chunks/s.
+            if number > 1 and interval:
                 sleep(interval)
             yield f"chunk {number} of {count}\n"
             # Execution only comes back here once the server has written the chunk.

@@ -13,6 +13,7 @@ Run it, then stream three users at once from a second terminal:
 import argparse
 import json
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -51,7 +52,9 @@ class StreamTracker:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"active": dict(self._active), "served": self._served}
+            # Each process counts only its own streams: under gunicorn with several
+            # workers, the pid says which worker these numbers belong to.
+            return {"active": dict(self._active), "served": self._served, "pid": os.getpid()}
 
 
 tracker = StreamTracker()
@@ -67,7 +70,7 @@ def generate_chunks(user_id: str, count: int, interval: float) -> Iterator[str]:
     delivered = 0
     try:
         for number in range(1, count + 1):
-            if number > 1:
+            if number > 1 and interval:
                 sleep(interval)
             yield f"chunk {number} of {count} for {user_id}\n"
             # Execution only comes back here once the server has written the chunk.

@@ -43,7 +43,8 @@ def load_secret_key() -> bytes:
     """The HS256 signing key, from JWT_SECRET_KEY; never written in code."""
     secret = os.environ.get("JWT_SECRET_KEY")
     if secret is None:
-        logger.warning("JWT_SECRET_KEY is unset: random key, tokens will not survive a restart")
+        # Random per process: tokens die with it, and another gunicorn worker rejects them.
+        logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
         return secrets.token_bytes(32)
     if len(secret.encode()) < 32:
         # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
@@ -75,7 +76,9 @@ class StreamTracker:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"active": dict(self._active), "served": self._served}
+            # Each process counts only its own streams: under gunicorn with several
+            # workers, the pid says which worker these numbers belong to.
+            return {"active": dict(self._active), "served": self._served, "pid": os.getpid()}
 
 
 tracker = StreamTracker()
@@ -161,7 +164,7 @@ def generate_chunks(user_id: str, count: int, interval: float) -> Iterator[str]:
     delivered = 0
     try:
         for number in range(1, count + 1):
-            if number > 1:
+            if number > 1 and interval:
                 sleep(interval)
             yield f"chunk {number} of {count} for {user_id}\n"
             delivered = number

@@ -58,6 +58,11 @@ def test_defaults_are_ten_chunks_half_a_second_apart(client, pauses):
     assert pauses == [0.5] * 9
 
 
+def test_interval_zero_sends_without_pausing(client, pauses):
+    assert client.get("/stream?count=3&interval=0").text.count("\n") == 3
+    assert pauses == []
+
+
 def test_each_chunk_is_produced_only_when_the_one_before_was_taken(client, pauses):
     response = client.get("/stream?count=3&interval=2", buffered=False)
     chunks = iter(response.response)

@@ -1,6 +1,7 @@
 """Step 2: stream_server_multiuser.py and stream_client_multiuser.py."""
 
 import logging
+import os
 import re
 import threading
 
@@ -11,6 +12,8 @@ import show_chunks
 import stream_client_multiuser
 import stream_server_multiuser as server
 from helpers import WAIT, chunked, free_port, raw_get, wait_until
+
+PID = os.getpid()  # the tests' own process runs the servers
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +57,7 @@ def test_other_user_ids_get_400_json(client, user_id):
     response = client.get(f"/stream/{user_id}")
     assert response.status_code == 400
     assert response.json == {"error": "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -"}
-    assert server.tracker.snapshot() == {"active": {}, "served": 0}
+    assert server.tracker.snapshot() == {"active": {}, "served": 0, "pid": PID}
 
 
 @pytest.mark.parametrize(("query", "name"), [("count=0", "count"), ("interval=x", "interval")])
@@ -65,23 +68,24 @@ def test_bad_numbers_get_400_json(client, query, name):
 
 
 def test_status_counts_open_streams_per_user_and_all_served(client):
-    assert client.get("/status").json == {"active": {}, "served": 0}
+    assert client.get("/status").json == {"active": {}, "served": 0, "pid": PID}
     open_streams = []
     for user in ["Alice", "Alice", "Bob"]:
         response = client.get(f"/stream/{user}?count=5", buffered=False)
         next(iter(response.response))  # the stream has started
         open_streams.append(response)
-    assert client.get("/status").json == {"active": {"Alice": 2, "Bob": 1}, "served": 3}
+    expected = {"active": {"Alice": 2, "Bob": 1}, "served": 3, "pid": PID}
+    assert client.get("/status").json == expected
     for response in open_streams[1:]:
         response.close()  # what the server does when a client hangs up
-    assert client.get("/status").json == {"active": {"Alice": 1}, "served": 3}
+    assert client.get("/status").json == {"active": {"Alice": 1}, "served": 3, "pid": PID}
     open_streams[0].close()
-    assert client.get("/status").json == {"active": {}, "served": 3}
+    assert client.get("/status").json == {"active": {}, "served": 3, "pid": PID}
 
 
 def test_a_finished_stream_is_no_longer_active(client):
     client.get("/stream/Alice?count=2")
-    assert client.get("/status").json == {"active": {}, "served": 1}
+    assert client.get("/status").json == {"active": {}, "served": 1, "pid": PID}
 
 
 def test_index_names_the_routes(client):
@@ -105,7 +109,7 @@ def test_fifty_users_stream_at_the_same_time(serve, monkeypatch, capsys):
     # go on when all fifty are paused at once, so they cannot have run one by one.
     everyone_streaming = threading.Barrier(len(users))
     monkeypatch.setattr(server, "sleep", lambda seconds: everyone_streaming.wait(WAIT))
-    argv = ["--url", serve(server.app), "--count", "2", "--interval", "0", *users]
+    argv = ["--url", serve(server.app), "--count", "2", "--interval", "1", *users]
     assert stream_client_multiuser.main(argv) == 0
 
     lines = capsys.readouterr().out.splitlines()
@@ -114,7 +118,7 @@ def test_fifty_users_stream_at_the_same_time(serve, monkeypatch, capsys):
     assert sorted((user, n) for user, n, _ in received) == sorted(
         (user, n) for user in users for n in "12"
     )
-    assert lines[-1] == 'server status: {"active": {}, "served": 50}'
+    assert lines[-1] == f'server status: {{"active": {{}}, "pid": {PID}, "served": 50}}'
 
 
 def test_a_client_that_hangs_up_is_no_longer_active(serve, gated, caplog):

@@ -3,6 +3,7 @@
 import base64
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 
@@ -18,6 +19,8 @@ from helpers import free_port
 KEY = b"the test signing key " * 4
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
+
+PID = os.getpid()  # the tests' own process runs the servers
 
 
 @pytest.fixture(autouse=True)
@@ -209,7 +212,7 @@ def test_every_bad_token_gets_401_invalid_token_and_no_data(client, name, caplog
     assert token not in response.text
     assert token not in caplog.text
     assert KEY.decode() not in caplog.text
-    assert server.tracker.snapshot() == {"active": {}, "served": 0}
+    assert server.tracker.snapshot() == {"active": {}, "served": 0, "pid": PID}
 
 
 def test_status_needs_a_valid_token(client):
@@ -217,7 +220,7 @@ def test_status_needs_a_valid_token(client):
     assert client.get("/status", headers=bearer(BAD_TOKENS["expired"][0])).status_code == 401
     client.get("/stream?count=1", headers=bearer(token_for("Alice")))
     response = client.get("/status", headers=bearer(token_for("Bob")))
-    assert response.json == {"active": {}, "served": 1}
+    assert response.json == {"active": {}, "served": 1, "pid": PID}
 
 
 def test_the_token_is_checked_before_the_numbers(client):

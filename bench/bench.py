@@ -1,0 +1,249 @@
+"""Measure the step servers under Werkzeug's dev server and under gunicorn (gthread, gevent).
+
+For each server it measures, on 127.0.0.1 only:
+  - first chunk: from sending the request to the first chunk's arrival (median), and how far
+    the gaps of a paced stream stray from the interval asked for;
+  - rate: chunks per second of one `count=N&interval=0` stream, read as fast as possible;
+  - concurrency: wall time for 10, 100 and 500 one-second streams started at once, with errors;
+  - memory: the server's peak RSS growth (all its processes) while the rate stream runs.
+Every load is bounded in count and time, and every server is stopped by the PID it started.
+
+    python bench/bench.py                       # the full run, a few minutes
+    python bench/bench.py --quick               # small loads, seconds (CI runs this)
+    python bench/bench.py --markdown bench/results.md
+"""
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--graceful-timeout", "1"]
+SERVERS = {  # name: command, with {module} and {port} filled in
+    "dev server (threaded)": [sys.executable, "{module}.py", "--port", "{port}"],
+    "gunicorn gthread": [*GUNICORN, "-k", "gthread", "-b", f"{HOST}:{{port}}", "{module}:app"],
+    "gunicorn gevent": [*GUNICORN, "-k", "gevent", "-b", f"{HOST}:{{port}}", "{module}:app"],
+}
+STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process on a free loopback port, stopped by the PID this script started."""
+
+    def __init__(self, command: list[str], module: str) -> None:
+        self.port = free_port()
+        argv = [part.format(module=module, port=self.port) for part in command]
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 20
+        while not self._accepts():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{' '.join(argv)} did not start")
+            time.sleep(0.05)
+
+    def _accepts(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex((HOST, self.port)) == 0
+
+    def rss(self) -> int:
+        """Resident memory of the server and its workers, in bytes."""
+        parent = psutil.Process(self.process.pid)
+        processes = [parent, *parent.children(recursive=True)]
+        total = 0
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a worker may just have exited
+                total += process.memory_info().rss
+        return total
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+async def stream(port: int, path: str) -> tuple[float, list[float], bytes]:
+    """GET `path`; return when the request went out, when each chunk arrived, and the body."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        sent = time.perf_counter()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+        arrivals, body = [], bytearray()
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size + 2)
+            arrivals.append(time.perf_counter())
+        return sent, arrivals, bytes(body)
+    finally:
+        writer.close()
+
+
+async def fast_read(port: int, path: str) -> float:
+    """Read a whole stream in large blocks, without parsing it; return the seconds it took."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        started = time.perf_counter()
+        tail = b""
+        while block := await reader.read(1 << 16):
+            tail = (tail + block)[-7:]
+        if not tail.endswith(b"0\r\n\r\n"):
+            raise RuntimeError("stream ended without its final chunk")
+        return time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+def first_chunk_and_gaps(port: int, runs: int) -> tuple[float, float]:
+    """Median ms to the first chunk, and mean ms by which paced gaps miss 100 ms."""
+    firsts, misses = [], []
+    for run in range(runs):
+        sent, arrivals, _ = asyncio.run(stream(port, f"/stream/bench{run}?count=6&interval=0.1"))
+        firsts.append((arrivals[0] - sent) * 1000)
+        misses += [abs(b - a - 0.1) * 1000 for a, b in itertools.pairwise(arrivals)]
+    return statistics.median(firsts), statistics.mean(misses)
+
+
+def rate_and_memory(server: Server, count: int, runs: int) -> tuple[float, float]:
+    """Chunks per second of an unpaced stream (the best of `runs`, the one least disturbed by
+    anything else on the machine), and the server's peak RSS growth meanwhile, in MB."""
+    baseline, peak, done = server.rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], server.rss())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    path = f"/stream/rate?count={count}&interval=0"
+    try:
+        seconds = min(
+            asyncio.run(asyncio.wait_for(fast_read(server.port, path), STREAM_TIMEOUT))
+            for _ in range(runs)
+        )
+    finally:
+        done.set()
+        sampler.join()
+    return count / seconds, max(0, peak[0] - baseline) / 1e6
+
+
+async def concurrent_streams(port: int, users: int) -> tuple[float, int]:
+    """Wall seconds for `users` one-second streams started at once, and how many failed."""
+    failures = (OSError, EOFError, RuntimeError, ValueError, asyncio.TimeoutError)
+
+    async def one(user: int) -> bool:
+        path = f"/stream/user{user}?count=2&interval=1"  # two chunks, one second apart
+        try:
+            *_, body = await asyncio.wait_for(stream(port, path), STREAM_TIMEOUT)
+        except failures:  # refused, reset, cut short (EOFError), or timed out
+            return False
+        return body.endswith(f"chunk 2 of 2 for user{user}\n\r\n".encode())
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(user) for user in range(users)))
+    return time.perf_counter() - started, results.count(False)
+
+
+def measure(name: str, command: list[str], quick: bool) -> dict:
+    print(f"measuring {name} ...", file=sys.stderr, flush=True)
+    server = Server(command, "stream_server_multiuser")
+    try:
+        first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
+        rate, memory = rate_and_memory(server, count=20_000 if quick else 300_000, runs=3)
+        row = {"server": name, "first chunk ms": first, "gap error ms": gap}
+        row |= {"chunks/s": rate, "memory growth MB": memory}
+        for users in (10, 50) if quick else (10, 100, 500):
+            seconds, errors = asyncio.run(concurrent_streams(server.port, users))
+            row[f"{users} streams s"] = seconds
+            row[f"{users} errors"] = errors
+        return row
+    finally:
+        server.stop()
+
+
+def table(rows: list[dict]) -> list[str]:
+    columns = list(rows[0])
+    cells = [
+        [f"{row[c]:,.0f}" if c == "chunks/s" else format_cell(row[c]) for c in columns]
+        for row in rows
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(line) + " |" for line in cells]
+
+
+def format_cell(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    by_name = {row["server"]: row for row in rows}
+    dev, gthread, gevent = (by_name[name] for name in SERVERS)
+    concurrency = max(k for k in gevent if k.endswith("streams s"))
+    speedup = gthread["chunks/s"] / dev["chunks/s"]
+    checks = [
+        (f"gunicorn gthread rate >= 1.3 x dev server's ({speedup:.2f} x)", speedup >= 1.3),
+        (
+            f"gevent: {concurrency.split()[0]} one-second streams within 1.2 s "
+            f"({gevent[concurrency]:.2f} s)",
+            gevent[concurrency] <= 1.2,
+        ),
+        ("first chunk within 5 ms on every server", all(r["first chunk ms"] <= 5 for r in rows)),
+        (
+            "memory growth under 10 MB on every server",
+            all(r["memory growth MB"] < 10 for r in rows),
+        ),
+    ]
+    return [f"- [{'x' if met else ' '}] {text}" for text, met in checks]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the step servers on loopback.")
+    parser.add_argument("--quick", action="store_true", help="small loads, for CI")
+    parser.add_argument("--markdown", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    rows = [measure(name, command, args.quick) for name, command in SERVERS.items()]
+    machine = (
+        f"{platform.system()} {platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    )
+    report = [
+        f"Step 2 app on {machine}{' (quick run)' if args.quick else ''}:",
+        "",
+        *table(rows),
+        "",
+        *targets(rows),
+    ]
+    print("\n".join(report))
+    if args.markdown:
+        args.markdown.write_text("\n".join(report) + "\n")
+    failed = sum(value for row in rows for key, value in row.items() if key.endswith("errors"))
+    return 1 if failed else 0  # slow is a number to read; a failed stream is a bug
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the wire."""
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+import show_chunks
+from helpers import WAIT, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "the test signing key for gunicorn, 32 bytes or more"
+STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
+    "stream_server": "/stream",
+    "stream_server_multiuser": "/stream/{user}",
+    "stream_server_multiuser_secure": "/stream",
+}
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn does not run on Windows")
+
+
+class Gunicorn:
+    """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
+
+    def __init__(self, module: str, worker: str) -> None:
+        self.module = module
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
+        command += ["-w", "1", "--threads", "8", "-b", "127.0.0.1:0", f"{module}:app"]
+        # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
+        command += ["--graceful-timeout", "1"]
+        env = {**os.environ, "JWT_SECRET_KEY": KEY}
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str) -> re.Match:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"gunicorn never logged {pattern!r}:\n{''.join(self.log)}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+@pytest.fixture(scope="module", params=["gthread", "gevent"])
+def worker(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module", params=list(STEPS))
+def server(request, worker):
+    server = Gunicorn(request.param, worker)
+    yield server
+    server.stop()
+
+
+def auth_headers(server: Gunicorn, user: str) -> list[str]:
+    if server.module != "stream_server_multiuser_secure":
+        return []
+    now = int(time.time())
+    token = jwt.encode({"sub": user, "iat": now, "exp": now + 600}, KEY, algorithm="HS256")
+    return [f"Authorization: Bearer {token}"]
+
+
+def open_stream(server: Gunicorn, query: str, user: str):
+    path = STEPS[server.module].format(user=user)
+    sock, wire = show_chunks.send_request(f"{server.url}{path}?{query}", auth_headers(server, user))
+    sock.settimeout(WAIT)
+    return sock, wire
+
+
+def status(server: Gunicorn) -> dict:
+    headers = dict(h.split(": ", 1) for h in auth_headers(server, user="Observer"))
+    return requests.get(f"{server.url}/status", headers=headers, timeout=WAIT).json()
+
+
+def test_the_stream_is_chunked_on_the_wire(server):
+    sock, wire = open_stream(server, "count=3&interval=0", user="Alice")
+    with sock, wire:
+        head = show_chunks.read_head(wire)
+        assert head[0] == "HTTP/1.1 200 OK"
+        assert "Transfer-Encoding: chunked" in head
+        payloads = [payload.decode() for _, payload in show_chunks.read_chunks(wire)]
+    suffix = "\n" if server.module == "stream_server" else " for Alice\n"
+    assert payloads == [f"chunk {n} of 3{suffix}" for n in (1, 2, 3)] + [""]
+
+
+def test_the_first_chunk_arrives_long_before_the_last_is_made(server):
+    # The last chunk is 60 s away; the first must be here well within WAIT seconds.
+    sock, wire = open_stream(server, "count=2&interval=60", user="Patient")
+    with sock, wire:
+        show_chunks.read_head(wire)
+        size_line, payload = next(show_chunks.read_chunks(wire))
+        assert payload.startswith(b"chunk 1 of 2")
+        assert int(size_line, 16) == len(payload)
+
+
+def test_a_client_that_hangs_up_is_freed(server):
+    tracked = server.module != "stream_server"  # steps 2 and 3 have /status
+    sock, wire = open_stream(server, "count=100000&interval=0.02", user="Leaver")
+    with sock, wire:
+        show_chunks.read_head(wire)
+        next(show_chunks.read_chunks(wire))
+        if tracked:
+            assert status(server)["active"].get("Leaver") == 1
+    # The server notices on one of its next writes, closes the generator, and logs it.
+    server.wait_for_line(r"disconnected after \d+ of 100000 chunks")
+    if tracked:
+        wait_until(lambda: "Leaver" not in status(server)["active"])
+
+
+only_step_3 = pytest.mark.parametrize("server", ["stream_server_multiuser_secure"], indirect=True)
+
+
+@only_step_3
+def test_the_secure_step_refuses_without_a_valid_token(server):
+    missing = requests.get(f"{server.url}/stream", timeout=WAIT)
+    assert missing.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="streams"'
+    forged = requests.get(
+        f"{server.url}/stream", headers={"Authorization": "Bearer a.b.c"}, timeout=WAIT
+    )
+    assert forged.status_code == 401
+    assert 'error="invalid_token"' in forged.headers["WWW-Authenticate"]
+    assert "chunk" not in forged.text
+
+
+@only_step_3
+def test_tokens_are_signed_with_the_shared_secret(server):
+    minted = requests.post(f"{server.url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
+    claims = jwt.decode(minted.json()["access_token"], KEY, algorithms=["HS256"])
+    assert claims["sub"] == "Bob"  # signed with JWT_SECRET_KEY, not a per-process random key
