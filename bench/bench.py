@@ -172,6 +172,8 @@ def measure(name: str, command: list[str], quick: bool) -> dict:
     print(f"measuring {name} ...", file=sys.stderr, flush=True)
     server = Server(command, "stream_server_multiuser")
     try:
+        for worker in range(4):  # warm up: the first request of each worker imports and caches
+            asyncio.run(stream(server.port, f"/stream/warmup{worker}?count=1"))
         first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
         rate, memory = rate_and_memory(server, count=20_000 if quick else 300_000, runs=3)
         row = {"server": name, "first chunk ms": first, "gap error ms": gap}

@@ -56,3 +56,46 @@ def gate() -> Iterator[Gate]:
     gate = Gate()
     yield gate
     gate.open()  # let any stream still paused run to its end
+
+
+@pytest.fixture
+def gated(request, monkeypatch, gate) -> Gate:
+    """The test module's `server` pauses at the gate between chunks."""
+    monkeypatch.setattr(request.module.server, "sleep", gate.sleep)
+    return gate
+
+
+@pytest.fixture
+def pauses(request, monkeypatch) -> list[float]:
+    """A controllable clock: the test module's `server` records its pauses instead of sleeping."""
+    recorded: list[float] = []
+    monkeypatch.setattr(request.module.server, "sleep", recorded.append)
+    return recorded
+
+
+class Turnstile:
+    """Stands in for a server module's `sleep`: each pause lets one stream on only when
+    the test calls `let_one_through`, so a test can watch events arrive one by one."""
+
+    def __init__(self) -> None:
+        self._permits = threading.Semaphore(0)
+        self._closed = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        if not self._permits.acquire(timeout=WAIT) and not self._closed.is_set():
+            raise TimeoutError("the test never let the stream through")
+
+    def let_one_through(self) -> None:
+        self._permits.release()
+
+    def open(self) -> None:
+        self._closed.set()
+        for _ in range(1000):  # enough for every pause a test's streams have left
+            self._permits.release()
+
+
+@pytest.fixture
+def turnstile() -> Iterator[Turnstile]:
+    turnstile = Turnstile()
+    yield turnstile
+    turnstile.open()

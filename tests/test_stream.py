@@ -7,7 +7,7 @@ import pytest
 
 import show_chunks
 import stream_client
-import stream_server
+import stream_server as server
 from helpers import chunked, free_port, raw_get
 
 CHUNK_LINE = re.compile(r"\+\d+\.\d\ds  chunk (\d+) of (\d+)")
@@ -15,21 +15,7 @@ CHUNK_LINE = re.compile(r"\+\d+\.\d\ds  chunk (\d+) of (\d+)")
 
 @pytest.fixture
 def client():
-    return stream_server.app.test_client()
-
-
-@pytest.fixture
-def pauses(monkeypatch) -> list[float]:
-    """A controllable clock: the server's pauses are recorded instead of slept."""
-    recorded: list[float] = []
-    monkeypatch.setattr(stream_server, "sleep", recorded.append)
-    return recorded
-
-
-@pytest.fixture
-def gated(monkeypatch, gate):
-    monkeypatch.setattr(stream_server, "sleep", gate.sleep)
-    return gate
+    return server.app.test_client()
 
 
 # Through Flask's test client
@@ -111,7 +97,7 @@ def test_unknown_paths_and_methods_get_json_errors(client):
 
 
 def test_a_huge_stream_is_never_held_in_memory(client, monkeypatch):
-    monkeypatch.setattr(stream_server, "sleep", lambda seconds: None)
+    monkeypatch.setattr(server, "sleep", lambda seconds: None)
     response = client.get("/stream?count=300000&interval=0", buffered=False)
     tracemalloc.start()
     try:
@@ -128,7 +114,7 @@ def test_a_huge_stream_is_never_held_in_memory(client, monkeypatch):
 
 
 def test_the_wire_carries_http11_chunked_framing(serve):
-    answer = raw_get(serve(stream_server.app), "/stream?count=3&interval=0")
+    answer = raw_get(serve(server.app), "/stream?count=3&interval=0")
     head, body = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nTransfer-Encoding: chunked" in head
@@ -137,7 +123,7 @@ def test_the_wire_carries_http11_chunked_framing(serve):
 
 
 def test_the_first_chunk_is_on_the_wire_before_the_second_exists(serve, gated):
-    url = serve(stream_server.app) + "/stream?count=2&interval=5"
+    url = serve(server.app) + "/stream?count=2&interval=5"
     sock, wire = show_chunks.send_request(url, [])
     with sock, wire:
         assert "Transfer-Encoding: chunked" in show_chunks.read_head(wire)
@@ -149,7 +135,7 @@ def test_the_first_chunk_is_on_the_wire_before_the_second_exists(serve, gated):
 
 
 def test_client_prints_each_chunk_and_a_summary(serve, capsys):
-    url = serve(stream_server.app) + "/stream"
+    url = serve(server.app) + "/stream"
     assert stream_client.main(["--url", url, "--count", "3", "--interval", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [CHUNK_LINE.fullmatch(line).groups() for line in lines[:3]] == [
@@ -171,7 +157,7 @@ def test_client_says_when_the_server_is_not_running(capsys):
 
 
 def test_client_prints_the_servers_error(serve, capsys):
-    url = serve(stream_server.app) + "/stream"
+    url = serve(server.app) + "/stream"
     assert stream_client.main(["--url", url, "--count", "0"]) == 1
     assert capsys.readouterr().err == (
         "error: server answered 400: count must be a whole number from 1 to 1000000, got '0'\n"
@@ -182,8 +168,8 @@ def test_client_reports_a_stream_cut_off_midway(serve, monkeypatch, capsys):
     def crash(seconds):
         raise RuntimeError("the server broke down mid-stream")
 
-    monkeypatch.setattr(stream_server, "sleep", crash)
-    url = serve(stream_server.app) + "/stream"
+    monkeypatch.setattr(server, "sleep", crash)
+    url = serve(server.app) + "/stream"
     assert stream_client.main(["--url", url, "--count", "3"]) == 1
     captured = capsys.readouterr()
     assert "chunk 1 of 3" in captured.out
@@ -191,7 +177,7 @@ def test_client_reports_a_stream_cut_off_midway(serve, monkeypatch, capsys):
 
 
 def test_client_gives_up_when_the_server_goes_silent(serve, gated):
-    url = serve(stream_server.app) + "/stream"
+    url = serve(server.app) + "/stream"
     chunks = stream_client.stream_chunks(url, count=2, interval=5, read_timeout=0.2)
     assert next(chunks) == "chunk 1 of 2\n"
     with pytest.raises(stream_client.StreamError, match=r"sent nothing for 0\.2s"):
@@ -214,7 +200,7 @@ def test_client_exits_quietly_on_ctrl_c(monkeypatch, capsys):
 
 
 def test_show_chunks_prints_size_lines_and_payloads(serve, capsys):
-    url = serve(stream_server.app) + "/stream?count=2&interval=0"
+    url = serve(server.app) + "/stream?count=2&interval=0"
     assert show_chunks.main([url]) == 0
     out = capsys.readouterr().out
     assert "Transfer-Encoding: chunked" in out

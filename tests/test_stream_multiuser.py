@@ -28,12 +28,6 @@ def client(monkeypatch):
     return server.app.test_client()
 
 
-@pytest.fixture
-def gated(monkeypatch, gate):
-    monkeypatch.setattr(server, "sleep", gate.sleep)
-    return gate
-
-
 # Through Flask's test client
 
 

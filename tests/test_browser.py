@@ -1,0 +1,143 @@
+"""Step 4's page in a real headless Chromium, against a live server on a free loopback port."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+import stream_server_sse as server
+from helpers import WAIT
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# Debian's chromium, started the way that works on a machine with no network and no screen.
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,900",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI {message}; .ci/run installs them")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    with tempfile.TemporaryDirectory() as profile:
+        for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        yield driver
+        driver.quit()
+
+
+def wait_for(browser, condition, what: str):
+    return WebDriverWait(browser, WAIT, poll_frequency=0.02).until(
+        lambda _: condition(), message=f"the page never showed {what}"
+    )
+
+
+def fill(browser, **fields: str) -> None:
+    for element_id, value in fields.items():
+        element = browser.find_element(By.ID, element_id.replace("_", "-"))
+        element.clear()
+        element.send_keys(value)
+
+
+def feed_ids(browser) -> list[str]:
+    rows = browser.find_elements(By.CSS_SELECTOR, "#feed-list li[data-id]")
+    return [row.get_attribute("data-id") for row in rows]
+
+
+def text_of(browser, element_id: str) -> str:
+    return browser.find_element(By.ID, element_id).text
+
+
+@pytest.fixture
+def page(serve, browser):
+    browser.get(serve(server.app))
+    return browser
+
+
+def test_feed_events_appear_one_by_one_while_the_stream_runs(page, turnstile, monkeypatch):
+    monkeypatch.setattr(server, "sleep", turnstile.sleep)
+    fill(page, feed_count="3", feed_interval="1")
+    page.find_element(By.ID, "feed-start").click()
+    for shown in (1, 2):
+        # The server is paused before the next event: the page shows what came so far.
+        wait_for(page, lambda shown=shown: len(feed_ids(page)) == shown, f"{shown} events")
+        assert feed_ids(page) == [str(n) for n in range(1, shown + 1)]
+        assert text_of(page, "feed-status") == "streaming"
+        turnstile.let_one_through()
+    wait_for(page, lambda: text_of(page, "feed-status") == "ended: 3 events", "the end")
+    assert feed_ids(page) == ["1", "2", "3"]
+
+
+def test_feed_resumes_after_the_server_drops_the_connection(page, monkeypatch):
+    drops = iter([True])
+
+    def drop_once(seconds):  # the first pause, after event 1, breaks the connection
+        if next(drops, False):
+            raise ConnectionAbortedError("dropped by the test")
+
+    monkeypatch.setattr(server, "sleep", drop_once)
+    monkeypatch.setattr(server, "RETRY_MS", 100)
+    fill(page, feed_count="5", feed_interval="1")
+    page.find_element(By.ID, "feed-start").click()
+    wait_for(page, lambda: text_of(page, "feed-status").startswith("ended"), "the end")
+    assert feed_ids(page) == ["1", "2", "3", "4", "5"]  # each once: no gap, no duplicate
+    notes = [note.text for note in page.find_elements(By.CSS_SELECTOR, "#feed-list li.note")]
+    assert notes == [
+        "connection lost: the browser will reconnect",
+        "reconnected: resuming after #1",
+    ]
+
+
+def test_tokens_appear_word_by_word_through_fetch(page, turnstile, monkeypatch):
+    monkeypatch.setattr(server, "sleep", turnstile.sleep)
+    page.find_element(By.ID, "tokens-start").click()
+    wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent", "the first word")
+    assert text_of(page, "tokens-status") == "streaming: 1 token"
+    turnstile.let_one_through()
+    wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent Events", "the second word")
+    turnstile.open()
+    wait_for(page, lambda: text_of(page, "tokens-status").startswith("done"), "the end")
+    assert text_of(page, "tokens-text") == "".join(server.WORDS).strip()
+
+
+def test_screenshot_of_the_page(page, monkeypatch):
+    """For people to look at (test-artifacts/sse_page.png): real pauses, one dropped connection."""
+    real_sleep, drops = server.sleep, iter([False, False, True])
+
+    def drop_the_third_pause(seconds):
+        if next(drops, False):
+            raise ConnectionAbortedError("dropped by the test")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(server, "sleep", drop_the_third_pause)
+    monkeypatch.setattr(server, "RETRY_MS", 300)
+    fill(page, feed_count="8", feed_interval="0.2", tokens_interval="0.03")
+    page.find_element(By.ID, "feed-start").click()
+    wait_for(page, lambda: text_of(page, "feed-status").startswith("ended"), "the feed's end")
+    page.find_element(By.ID, "tokens-start").click()
+    wait_for(page, lambda: text_of(page, "tokens-status").startswith("done"), "the text's end")
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert page.save_screenshot(str(ARTIFACTS / "sse_page.png"))

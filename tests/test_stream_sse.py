@@ -1,0 +1,194 @@
+"""Step 4: stream_server_sse.py and stream_client_sse.py (the browser page: test_browser.py)."""
+
+import itertools
+
+import pytest
+
+import stream_client_sse as sse_client
+import stream_server_sse as server
+from helpers import free_port
+from stream_client_sse import Event, SSEParser
+
+# One stream that uses every rule: LF, CRLF and CR line ends, comments, multi-line
+# data, a field with no space after its colon, ids (one with a NUL, ignored), retry
+# (one that is not a number, ignored), an event with no data (not dispatched).
+TRICKY = (
+    ": a comment, then an event with the default type\n"
+    "data: first\n\n"
+    "id: 7\r\nevent: chunk\r\ndata: line one\r\ndata:line two\r\ndata:  two spaces\r\n\r\n"
+    "retry: 1500\rretry: soon\rid: bad\0id\revent: nothing\r\r"
+    "event: token\ndata\ndata: \n\n"
+    "id: 8\ndata: no type, new id\n\n"
+)
+EXPECTED = [
+    Event("message", "first", ""),
+    Event("chunk", "line one\nline two\n two spaces", "7"),
+    Event("token", "\n", "7"),
+    Event("message", "no type, new id", "8"),
+]
+
+
+def parse_in_pieces(text: str, cuts: list[int]) -> list[Event]:
+    parser = SSEParser()
+    bounds = [0, *cuts, len(text)]
+    events = [e for start, end in itertools.pairwise(bounds) for e in parser.feed(text[start:end])]
+    assert parser.retry_ms == 1500
+    return events
+
+
+def test_parser_reads_every_rule_in_one_piece():
+    assert parse_in_pieces(TRICKY, []) == EXPECTED
+
+
+@pytest.mark.parametrize("cut", range(1, len(TRICKY)))
+def test_parser_gives_the_same_events_whatever_the_split(cut):
+    assert parse_in_pieces(TRICKY, [cut]) == EXPECTED
+
+
+def test_parser_gives_the_same_events_one_character_at_a_time():
+    assert parse_in_pieces(TRICKY, list(range(1, len(TRICKY)))) == EXPECTED
+
+
+def test_a_cr_at_the_end_of_a_piece_waits_to_see_whether_lf_follows():
+    parser = SSEParser()
+    assert parser.feed("data: a\r") == []
+    assert parser.feed("\ndata: b\r\n") == []  # "\r" + "\n" was one line end, not two
+    assert parser.feed("\r\n") == [Event("message", "a\nb", "")]
+
+
+# The server, through Flask's test client
+
+
+@pytest.fixture
+def client(pauses):
+    return server.app.test_client()
+
+
+def test_events_are_framed_as_server_sent_events(client, pauses):
+    response = client.get("/events/Alice?count=2&interval=0.5")
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.text == (
+        "retry: 2000\n\n"
+        "id: 1\nevent: chunk\ndata: chunk 1 of 2 for Alice\n\n"
+        "id: 2\nevent: chunk\ndata: chunk 2 of 2 for Alice\n\n"
+        "event: end\ndata: end of stream\n\n"
+    )
+    assert pauses == [0.5]
+
+
+def test_the_python_parser_reads_what_the_server_writes(client):
+    parser = SSEParser()
+    events = parser.feed(client.get("/events/Bob?count=3").text)
+    assert [(e.type, e.id) for e in events] == [
+        ("chunk", "1"),
+        ("chunk", "2"),
+        ("chunk", "3"),
+        ("end", "3"),
+    ]
+
+
+def test_last_event_id_resumes_right_after_it(client):
+    response = client.get("/events/Alice?count=5&interval=0", headers={"Last-Event-ID": "3"})
+    ids = [e.id for e in SSEParser().feed(response.text) if e.type == "chunk"]
+    assert ids == ["4", "5"]
+
+
+def test_resuming_past_the_end_only_ends(client):
+    response = client.get("/events/Alice?count=5", headers={"Last-Event-ID": "5"})
+    assert [e.type for e in SSEParser().feed(response.text)] == ["end"]
+
+
+@pytest.mark.parametrize("last_id", ["x", "-1", "1.5", "+3", "12345678"])
+def test_a_bad_last_event_id_gets_400(client, last_id):
+    response = client.get("/events/Alice", headers={"Last-Event-ID": last_id})
+    assert response.status_code == 400
+    assert response.json == {"error": "Last-Event-ID must be the id of an event this server sent"}
+
+
+def test_long_gaps_carry_keep_alive_comments(client, pauses, monkeypatch):
+    monkeypatch.setattr(server, "HEARTBEAT", 1.0)
+    text = client.get("/events/Alice?count=2&interval=2.5").text
+    between = text.split("data: chunk 1 of 2 for Alice\n\n")[1].split("id: 2")[0]
+    assert between == ": keep-alive\n\n: keep-alive\n\n"
+    assert pauses == [1.0, 1.0, 0.5]
+
+
+def test_tokens_arrive_one_word_each_and_end(client):
+    events = SSEParser().feed(client.get("/tokens?interval=0").text)
+    tokens = [e for e in events if e.type == "token"]
+    assert "".join(e.data for e in tokens).startswith("Server-Sent Events carry text")
+    assert all(len(e.data.split()) == 1 for e in tokens)
+    assert [e.id for e in tokens] == [str(n) for n in range(1, len(server.WORDS) + 1)]
+    assert events[-1].type == "end"
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/events/bad%20user", "user_id must be"),
+        ("/events/Alice?count=0", "count must be"),
+        ("/events/Alice?interval=-1", "interval must be"),
+        ("/tokens?interval=x", "interval must be"),
+    ],
+)
+def test_bad_input_gets_400_json(client, path, error):
+    response = client.get(path)
+    assert response.status_code == 400
+    assert response.json["error"].startswith(error)
+
+
+def test_the_page_is_served(client):
+    with client.get("/") as response:  # closing it closes the file it was sent from
+        assert response.mimetype == "text/html"
+        assert "new EventSource(" in response.text
+        assert "response.body" in response.text
+
+
+# The client, against the real server
+
+
+def test_client_prints_events_as_they_come(serve, pauses, capsys):
+    argv = ["Alice", "--url", serve(server.app), "--count", "2", "--interval", "0"]
+    assert sse_client.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ", 1)[1] for line in lines] == [
+        "#1 chunk: chunk 1 of 2 for Alice",
+        "#2 chunk: chunk 2 of 2 for Alice",
+        "end: end of stream",
+    ]
+
+
+def test_client_resumes_after_the_server_drops_the_connection(serve, monkeypatch, capsys):
+    drops = iter([True, False, False, False])
+
+    def drop_once(seconds):  # the first pause, after event 1, breaks the connection
+        if next(drops, False):
+            raise ConnectionAbortedError("dropped by the test")
+
+    monkeypatch.setattr(server, "sleep", drop_once)
+    monkeypatch.setattr(server, "RETRY_MS", 10)
+    events = list(sse_client.follow(f"{serve(server.app)}/events/Alice", {"count": 5}))
+    assert [e.id for e in events if e.type == "chunk"] == ["1", "2", "3", "4", "5"]
+    assert events[-1].type == "end"
+    assert "(the connection was lost; resuming after event 1 in 0.01s)" in capsys.readouterr().out
+
+
+def test_client_prints_the_token_text(serve, pauses, capsys):
+    assert sse_client.main(["--tokens", "--url", serve(server.app)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Server-Sent Events carry text from a server to a browser")
+    assert out.rstrip().endswith("end: end of stream")
+
+
+def test_client_reports_bad_input_and_a_missing_server(serve, capsys):
+    assert sse_client.main(["bad user", "--url", serve(server.app)]) == 1
+    assert capsys.readouterr().err.startswith("error: server answered 400: user_id must be")
+    url = f"http://127.0.0.1:{free_port()}"
+    assert sse_client.main(["--url", url]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot connect to {url}/events/User1: is the server running? "
+        "Start it with: python stream_server_sse.py\n"
+    )
