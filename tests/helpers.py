@@ -4,7 +4,19 @@ import socket
 import time
 from collections.abc import Callable
 
+import jwt
+
 WAIT = 10.0  # seconds: the most any test waits for something that should happen at once
+# The signing key of the token steps' tests: 64 bytes or more, so that PyJWT accepts
+# it for HS512 forgeries too.
+TEST_KEY = b"the test signing key " * 4
+
+
+def token_for(sub="Alice", key=TEST_KEY, algorithm="HS256", **changes) -> str:
+    """Forge a token with PyJWT: valid unless `changes` say otherwise (None drops a claim)."""
+    now = int(time.time())
+    claims = {"sub": sub, "iat": now, "exp": now + 3600, **changes}
+    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
 
 
 def free_port() -> int:

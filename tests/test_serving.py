@@ -14,10 +14,9 @@ import pytest
 import requests
 
 import show_chunks
-from helpers import WAIT, wait_until
+from helpers import TEST_KEY, WAIT, token_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "the test signing key for gunicorn, 32 bytes or more"
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
     "stream_server": "/stream",
     "stream_server_multiuser": "/stream/{user}",
@@ -36,7 +35,7 @@ class Gunicorn:
         command += ["-w", "1", "--threads", "8", "-b", "127.0.0.1:0", f"{module}:app"]
         # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
         command += ["--graceful-timeout", "1"]
-        env = {**os.environ, "JWT_SECRET_KEY": KEY}
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -86,9 +85,7 @@ def server(request, worker):
 def auth_headers(server: Gunicorn, user: str) -> list[str]:
     if server.module != "stream_server_multiuser_secure":
         return []
-    now = int(time.time())
-    token = jwt.encode({"sub": user, "iat": now, "exp": now + 600}, KEY, algorithm="HS256")
-    return [f"Authorization: Bearer {token}"]
+    return [f"Authorization: Bearer {token_for(user)}"]
 
 
 def open_stream(server: Gunicorn, query: str, user: str):
@@ -157,5 +154,5 @@ def test_the_secure_step_refuses_without_a_valid_token(server):
 @only_step_3
 def test_tokens_are_signed_with_the_shared_secret(server):
     minted = requests.post(f"{server.url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
-    claims = jwt.decode(minted.json()["access_token"], KEY, algorithms=["HS256"])
+    claims = jwt.decode(minted.json()["access_token"], TEST_KEY, algorithms=["HS256"])
     assert claims["sub"] == "Bob"  # signed with JWT_SECRET_KEY, not a per-process random key

@@ -13,10 +13,9 @@ import pytest
 import show_chunks
 import stream_client_multiuser_secure as secure_client
 import stream_server_multiuser_secure as server
-from helpers import free_port
+from helpers import TEST_KEY, free_port, token_for
 
-# 64 bytes or more, so that PyJWT accepts them for HS512 forgeries too.
-KEY = b"the test signing key " * 4
+KEY = TEST_KEY
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
 
@@ -33,13 +32,6 @@ def test_key_and_fresh_tracker(monkeypatch):
 @pytest.fixture
 def client():
     return server.app.test_client()
-
-
-def token_for(sub="Alice", key=KEY, algorithm="HS256", **changes) -> str:
-    """Forge a token with PyJWT: valid unless `changes` say otherwise (None drops a claim)."""
-    now = int(time.time())
-    claims = {"sub": sub, "iat": now, "exp": now + 3600, **changes}
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
 
 
 def b64(data: dict) -> str:

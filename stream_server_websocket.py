@@ -1,0 +1,220 @@
+"""Step 5: a WebSocket stream the client can steer while it flows.
+
+New since step 3: instead of one HTTP response that only the server writes, a
+WebSocket is a two-way channel. The server sends the same personal chunks as
+JSON messages, and the client sends commands at any moment (pause, resume,
+interval, stop) that change the stream as it runs; the server acknowledges each.
+The token from POST /generate_token is checked on the handshake, before the
+connection becomes a WebSocket, so a refusal is a plain HTTP 401.
+
+    export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    python stream_server_websocket.py
+    python stream_client_websocket.py             # type pause, resume, interval 0.2, stop
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import secrets
+from time import monotonic, time
+
+import jwt
+from flask import Flask, Response, abort, g, jsonify, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from werkzeug.exceptions import HTTPException
+
+logger = logging.getLogger(__name__)
+app = Flask(__name__)
+app.config["MAX_CONTENT_LENGTH"] = 1024
+app.config["TOKEN_LIFETIME"] = 15 * 60
+# A ping every 25 s notices a client that vanished without closing, even while
+# the stream is paused and nothing else is sent; messages over 4 KB close it.
+app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": 4096}
+sock = Sock(app)
+
+MAX_COUNT = 1_000_000
+MAX_INTERVAL = 60
+MAX_TOKEN_LENGTH = 1024
+USER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+REALM = "streams"
+
+
+def load_secret_key() -> bytes:
+    """The HS256 signing key, from JWT_SECRET_KEY; never written in code."""
+    secret = os.environ.get("JWT_SECRET_KEY")
+    if secret is None:
+        logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
+        return secrets.token_bytes(32)
+    if len(secret.encode()) < 32:
+        raise SystemExit("JWT_SECRET_KEY must be at least 32 bytes (HS256 needs a 256-bit key)")
+    return secret.encode()
+
+
+app.config["JWT_SECRET_KEY"] = load_secret_key()
+
+
+class Unauthenticated(Exception):
+    """No usable credentials: answered with 401 and a Bearer challenge (RFC 6750)."""
+
+    def __init__(self, description: str | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+
+
+@app.post("/generate_token")
+def generate_token() -> Response:
+    """Mint a token for any user id: a stand-in for a real login, as in step 3."""
+    body = request.get_json(silent=True) if request.is_json else None
+    user_id = body.get("user_id") if isinstance(body, dict) else None
+    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
+        abort(400, 'send JSON such as {"user_id": "User1"}: 1 to 64 of A-Z a-z 0-9 _ . -')
+    now, lifetime = int(time()), app.config["TOKEN_LIFETIME"]
+    claims = {"sub": user_id, "iat": now, "exp": now + lifetime}
+    token = jwt.encode(claims, app.config["JWT_SECRET_KEY"], algorithm="HS256")
+    response = jsonify(access_token=token, token_type="Bearer", expires_in=lifetime)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+TOKEN_PROBLEMS = {
+    jwt.ExpiredSignatureError: "the token has expired",
+    jwt.ImmatureSignatureError: "the token is not valid yet",
+    jwt.MissingRequiredClaimError: "the token lacks a required claim (sub, iat or exp)",
+    jwt.InvalidSignatureError: "the token signature does not match",
+    jwt.InvalidAlgorithmError: "the token is not signed with HS256",
+}
+
+
+def authenticated_user() -> str:
+    """The user id of a valid bearer token."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated()
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise Unauthenticated("the token is too long")
+    try:
+        claims = jwt.decode(
+            token.strip(),
+            app.config["JWT_SECRET_KEY"],
+            algorithms=["HS256"],
+            options={"require": ["exp", "iat", "sub"]},
+        )
+    except jwt.PyJWTError as error:
+        problems = [text for kind, text in TOKEN_PROBLEMS.items() if isinstance(error, kind)]
+        raise Unauthenticated(problems[0] if problems else "the token is malformed") from None
+    return claims["sub"]
+
+
+def query_number(name: str, convert: type, default: float, low: float, high: float):
+    """Read one number from the query string, or answer 400 saying what is wrong."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = convert(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        kind = "a whole number" if convert is int else "a number"
+        abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
+    return value
+
+
+@app.before_request
+def check_before_the_handshake() -> None:
+    # flask-sock turns the connection into a WebSocket before the view runs, and
+    # from then on there is no HTTP status to answer with. So every refusal
+    # happens here, while a 401 or 400 is still an ordinary HTTP response.
+    if request.endpoint == "stream":
+        g.user_id = authenticated_user()
+        g.count = query_number("count", int, 20, 1, MAX_COUNT)
+        g.interval = query_number("interval", float, 0.5, 0, MAX_INTERVAL)
+
+
+def obey(message: str | bytes, state: dict) -> dict:
+    """Apply one client command to the stream's state; return the answer to send back."""
+    try:
+        command = json.loads(message)
+        name = command["command"]
+    except (ValueError, TypeError, KeyError):
+        return {"type": "error", "error": 'send JSON such as {"command": "pause"}'}
+    if name == "pause":
+        state["paused"] = True
+    elif name == "resume":
+        state["paused"] = False
+    elif name == "stop":
+        state["stopped"] = True
+    elif name == "interval":
+        seconds = command.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            return {"type": "error", "error": "interval needs seconds, a number"}
+        if not 0 <= seconds <= MAX_INTERVAL:
+            return {"type": "error", "error": f"seconds must be from 0 to {MAX_INTERVAL}"}
+        state["interval"] = seconds
+    else:
+        return {
+            "type": "error",
+            "error": f"unknown command {name!r}: pause, resume, interval, stop",
+        }
+    return {"type": "ack", "command": name, **state}
+
+
+@sock.route("/ws")
+def stream(ws) -> None:
+    user_id, count = g.user_id, g.count
+    state = {"paused": False, "stopped": False, "interval": g.interval}
+    logger.info("stream started for %s: %d chunks", user_id, count)
+    sent, next_chunk_at = 0, monotonic()
+    try:
+        while sent < count and not state["stopped"]:
+            # Wait for a command until the next chunk is due (forever while paused):
+            # one loop both reads what the client says and keeps the stream's pace.
+            timeout = None if state["paused"] else max(0.0, next_chunk_at - monotonic())
+            message = ws.receive(timeout=timeout)
+            if message is not None:
+                ws.send(json.dumps(obey(message, state)))
+                continue
+            sent += 1
+            text = f"chunk {sent} of {count} for {user_id}"
+            ws.send(json.dumps({"type": "chunk", "number": sent, "text": text}))
+            next_chunk_at = monotonic() + state["interval"]
+        ws.send(json.dumps({"type": "end", "sent": sent}))
+        logger.info("stream finished for %s: %d of %d chunks sent", user_id, sent, count)
+    except ConnectionClosed:  # the client closed, or vanished and a send or ping failed
+        logger.info("%s disconnected after %d of %d chunks", user_id, sent, count)
+
+
+@app.errorhandler(Unauthenticated)
+def ask_for_a_token(error: Unauthenticated) -> Response:
+    challenge = f'Bearer realm="{REALM}"'
+    if error.description is None:
+        body = {"error": "send 'Authorization: Bearer <token>'; POST /generate_token mints one"}
+    else:
+        challenge += f', error="invalid_token", error_description="{error.description}"'
+        body = {"error": "invalid_token", "error_description": error.description}
+        logger.info("refused a connection: %s", error.description)
+    response = jsonify(body)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+@app.errorhandler(HTTPException)
+def error_as_json(error: HTTPException) -> Response:
+    """Answer every HTTP error (400, 404, 405, 413, 500...) as JSON, never as an HTML page."""
+    response = error.get_response()
+    response.set_data(json.dumps({"error": error.description}))
+    response.content_type = "application/json"
+    return response
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app.run(host=args.host, port=args.port, threaded=True)  # one thread per WebSocket
