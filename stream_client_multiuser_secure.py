@@ -5,10 +5,12 @@ Start the server first (python stream_server_multiuser_secure.py), then:
     python stream_client_multiuser_secure.py                   # mints a token for User1
     python stream_client_multiuser_secure.py --user Alice --count 5
     python stream_client_multiuser_secure.py --token "$TOKEN"  # one minted with curl
+    python stream_client_multiuser_secure.py --url https://localhost:5000 --cacert certs/client.pem
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -27,7 +29,12 @@ class StreamError(Exception):
     """Something went wrong that the user should read as one line, not a traceback."""
 
 
-def server_down(url: str) -> StreamError:
+def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
+    if isinstance(error, requests.exceptions.SSLError):
+        return StreamError(
+            f"cannot verify the certificate of {url}: "
+            "if a local CA signed it, pass that CA's certificate with --cacert"
+        )
     return StreamError(
         f"cannot connect to {url}: is the server running? "
         "Start it with: python stream_server_multiuser_secure.py"
@@ -46,13 +53,13 @@ def check_status(response: requests.Response) -> None:
     raise StreamError(f"server answered {response.status_code}: {message}")
 
 
-def mint_token(base_url: str, user: str) -> str:
+def mint_token(base_url: str, user: str, verify: str | bool) -> str:
     """Ask the server for a token, as the README's curl command does."""
     url = f"{base_url}/generate_token"
     try:
-        response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10))
-    except requests.ConnectionError:
-        raise server_down(url) from None
+        response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10), verify=verify)
+    except requests.ConnectionError as error:
+        raise cannot_connect(url, error) from None
     except requests.RequestException as error:  # a malformed URL, for one
         raise StreamError(str(error)) from None
     check_status(response)
@@ -74,15 +81,17 @@ def show_claims(token: str) -> None:
         print(f"token expires at {expires:%H:%M:%S} UTC")
 
 
-def stream_chunks(url: str, token: str, count: int, interval: float) -> Iterator[str]:
+def stream_chunks(
+    url: str, token: str, count: int, interval: float, verify: str | bool
+) -> Iterator[str]:
     """Yield the stream's chunks as text, each as soon as it has arrived (see step 1)."""
     params = {"count": count, "interval": interval}
     # The token goes in a header, never in the URL: URLs end up in logs and histories.
     headers = {"Authorization": f"Bearer {token}"}
-    timeout = (3.05, READ_TIMEOUT)
+    options = {"stream": True, "timeout": (3.05, READ_TIMEOUT), "verify": verify}
     connected = False
     try:
-        with requests.get(url, params=params, headers=headers, stream=True, timeout=timeout) as r:
+        with requests.get(url, params=params, headers=headers, **options) as r:
             connected = True
             check_status(r)
             yield from r.iter_content(chunk_size=None, decode_unicode=True)
@@ -91,7 +100,7 @@ def stream_chunks(url: str, token: str, count: int, interval: float) -> Iterator
     except (requests.ConnectionError, requests.Timeout) as error:
         if connected or isinstance(error, requests.ReadTimeout):
             raise StreamError(f"the server sent nothing for {READ_TIMEOUT:g}s") from None
-        raise server_down(url) from None
+        raise cannot_connect(url, error) from None
     except requests.RequestException as error:
         raise StreamError(str(error)) from None
 
@@ -103,14 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", help="use this token instead of minting one")
     parser.add_argument("--count", type=int, default=10, help="chunks to ask for")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
+    parser.add_argument("--cacert", help="trust certificates signed by this CA (PEM file)")
     args = parser.parse_args(argv)
+    if args.cacert and not os.path.isfile(args.cacert):
+        parser.error(f"--cacert {args.cacert}: no such file")
+    # Certificates are always checked: with --cacert, against that CA; without, against the
+    # system's. Never verify=False: it accepts any certificate, so anyone on the path could
+    # pose as the server and collect the token.
+    verify = args.cacert or True
 
     try:
-        token = args.token or mint_token(args.url, args.user)
+        token = args.token or mint_token(args.url, args.user, verify)
         show_claims(token)
         started = time.monotonic()
         chunks = size = 0
-        for chunk in stream_chunks(f"{args.url}/stream", token, args.count, args.interval):
+        for chunk in stream_chunks(f"{args.url}/stream", token, args.count, args.interval, verify):
             chunks += 1
             size += len(chunk.encode())
             print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)

@@ -10,6 +10,9 @@ Run it, then mint a token and stream with it from a second terminal:
     export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
     python stream_server_multiuser_secure.py
     python stream_client_multiuser_secure.py      # mints a token for User1 and streams
+
+Over plain HTTP anyone on the network path can read the tokens: with --cert and
+--key it serves HTTPS only (the README shows how to make a local certificate).
 """
 
 import argparse
@@ -18,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -235,14 +239,29 @@ def error_as_json(error: HTTPException) -> Response:
     return response
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """HTTPS: without it, anyone on the network path can read the bearer tokens."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     parser.add_argument("--token-lifetime", type=int, default=15 * 60, help="seconds a token lasts")
+    parser.add_argument("--cert", help="certificate file (PEM): serve HTTPS only, with --key")
+    parser.add_argument("--key", help="the certificate's private key file (PEM)")
     args = parser.parse_args()
     if args.token_lifetime < 1:
         parser.error("--token-lifetime must be at least 1 second")
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    try:
+        context = tls_context(args.cert, args.key) if args.cert else None
+    except OSError as error:  # a missing file, or one that holds no certificate or key
+        parser.error(f"cannot use --cert {args.cert} --key {args.key}: {error}")
     app.config["TOKEN_LIFETIME"] = args.token_lifetime
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    app.run(host=args.host, port=args.port, threaded=True)
+    app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)

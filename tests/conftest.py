@@ -1,10 +1,14 @@
 """Fixtures shared by every step's tests: a real server on a free port, and a gate
 that holds a stream between two chunks until the test lets it go on."""
 
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trustme
 from flask import Flask
 from werkzeug.serving import make_server
 
@@ -12,17 +16,19 @@ from helpers import WAIT
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Flask], str]]:
-    """Run apps in Werkzeug's threaded server on 127.0.0.1, a free port each; give base URLs."""
+def serve() -> Iterator[Callable[..., str]]:
+    """Run apps in Werkzeug's threaded server on 127.0.0.1, a free port each; give base URLs.
+    With an ssl_context, the server speaks HTTPS only."""
     servers = []
 
-    def start(app: Flask) -> str:
+    def start(app: Flask, ssl_context: ssl.SSLContext | None = None) -> str:
         # threaded=True, as in the scripts: without it the server speaks HTTP/1.0, not chunked.
-        server = make_server("127.0.0.1", 0, app, threaded=True)
+        server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=ssl_context)
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
+        scheme = "https" if ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{server.server_port}"
 
     yield start
     for server, thread in servers:
@@ -99,3 +105,23 @@ def turnstile() -> Iterator[Turnstile]:
     turnstile = Turnstile()
     yield turnstile
     turnstile.open()
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> SimpleNamespace:
+    """A throwaway CA and a certificate it signed for 127.0.0.1 and localhost, as files (what
+    `python -m trustme` makes) and as the server's SSL context."""
+    folder: Path = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(folder / "client.pem")
+    certificate.private_key_pem.write_to_path(folder / "server.key")
+    certificate.cert_chain_pems[0].write_to_path(folder / "server.pem")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificate.configure_cert(context)
+    return SimpleNamespace(
+        ca_file=str(folder / "client.pem"),
+        cert_file=str(folder / "server.pem"),
+        key_file=str(folder / "server.key"),
+        server_context=context,
+    )
