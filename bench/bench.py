@@ -175,7 +175,7 @@ def measure(name: str, command: list[str], quick: bool) -> dict:
         for worker in range(4):  # warm up: the first request of each worker imports and caches
             asyncio.run(stream(server.port, f"/stream/warmup{worker}?count=1"))
         first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
-        rate, memory = rate_and_memory(server, count=20_000 if quick else 300_000, runs=3)
+        rate, memory = rate_and_memory(server, count=20_000 if quick else 100_000, runs=3)
         row = {"server": name, "first chunk ms": first, "gap error ms": gap}
         row |= {"chunks/s": rate, "memory growth MB": memory}
         for users in (10, 50) if quick else (10, 100, 500):
