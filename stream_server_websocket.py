@@ -25,6 +25,7 @@ from flask import Flask, Response, abort, g, jsonify, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
@@ -200,6 +201,11 @@ def ask_for_a_token(error: Unauthenticated) -> Response:
     response.status_code = 401
     response.headers["WWW-Authenticate"] = challenge
     return response
+
+
+@app.errorhandler(WebsocketMismatch)
+def wrong_protocol(error: WebsocketMismatch) -> tuple[Response, int]:
+    return jsonify(error="/ws takes WebSocket connections only; the other routes, plain HTTP"), 400
 
 
 @app.errorhandler(HTTPException)

@@ -184,6 +184,14 @@ def test_a_client_that_vanishes_frees_its_stream(base_url, caplog, paused):
     wait_until(lambda: "Vanisher disconnected after" in caplog.text)
 
 
+def test_plain_http_on_the_websocket_route_gets_a_clear_400(base_url):
+    response = requests.get(f"{base_url}/ws", timeout=WAIT)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "/ws takes WebSocket connections only; the other routes, plain HTTP"
+    }
+
+
 def test_minting_works_and_refuses_bad_bodies(base_url):
     good = requests.post(f"{base_url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
     assert jwt.decode(good.json()["access_token"], KEY, algorithms=["HS256"])["sub"] == "Bob"
