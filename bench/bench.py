@@ -16,6 +16,7 @@ Every load is bounded in count and time, and every server is stopped by the PID 
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import platform
 import socket
@@ -36,6 +37,11 @@ SERVERS = {  # name: command, with {module} and {port} filled in
     "gunicorn gthread": [*GUNICORN, "-k", "gthread", "-b", f"{HOST}:{{port}}", "{module}:app"],
     "gunicorn gevent": [*GUNICORN, "-k", "gevent", "-b", f"{HOST}:{{port}}", "{module}:app"],
 }
+# A reference, not a step: the same stream on Starlette and uvicorn (bench/requirements.txt).
+UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "starlette_app:app"]
+UVICORN += ["--port", "{port}", "--no-access-log", "--log-level", "warning"]
+if all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
+    SERVERS["uvicorn + Starlette (reference)"] = UVICORN
 STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
 
 
@@ -203,7 +209,7 @@ def format_cell(value) -> str:
 
 def targets(rows: list[dict]) -> list[str]:
     by_name = {row["server"]: row for row in rows}
-    dev, gthread, gevent = (by_name[name] for name in SERVERS)
+    dev, gthread, gevent = (by_name[name] for name in list(SERVERS)[:3])
     concurrency = max(k for k in gevent if k.endswith("streams s"))
     speedup = gthread["chunks/s"] / dev["chunks/s"]
     checks = [
@@ -228,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
+    if len(SERVERS) == 3:
+        print("(no reference server: pip install -r bench/requirements.txt)", file=sys.stderr)
     rows = [measure(name, command, args.quick) for name, command in SERVERS.items()]
     machine = (
         f"{platform.system()} {platform.machine()}, {psutil.cpu_count()} cores, "
