@@ -1,6 +1,7 @@
-"""Fixtures shared by every step's tests: a real server on a free port, and a gate
-that holds a stream between two chunks until the test lets it go on."""
+"""Fixtures shared by every step's tests: a real server on a free port, stand-ins for a
+server's sleep() (a gate, a recorder, a dropped connection), and a throwaway CA."""
 
+import itertools
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -38,23 +39,36 @@ def serve() -> Iterator[Callable[..., str]]:
 
 
 class Gate:
-    """Stands in for a server module's `sleep`: a stream pauses here between two
-    chunks until the test opens the gate, so tests never depend on timing."""
+    """Stands in for a server module's `sleep`: a stream pauses here between two chunks
+    until the test lets it on, one pause at a time or all at once, so tests never
+    depend on timing."""
 
     def __init__(self) -> None:
         self.paused = threading.Semaphore(0)  # released once each time a stream pauses
-        self._open = threading.Event()
+        self._condition = threading.Condition()
+        self._permits = 0
+        self._open = False
 
     def sleep(self, seconds: float) -> None:
         self.paused.release()
-        if not self._open.wait(WAIT):
-            raise TimeoutError("the test never opened the gate")
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._open or self._permits, WAIT):
+                raise TimeoutError("the test never let the stream on")
+            if not self._open:
+                self._permits -= 1
 
     def wait_for_pause(self) -> None:
         assert self.paused.acquire(timeout=WAIT), "no stream paused"
 
+    def let_one_through(self) -> None:
+        with self._condition:
+            self._permits += 1
+            self._condition.notify()
+
     def open(self) -> None:
-        self._open.set()
+        with self._condition:
+            self._open = True
+            self._condition.notify_all()
 
 
 @pytest.fixture
@@ -79,32 +93,23 @@ def pauses(request, monkeypatch) -> list[float]:
     return recorded
 
 
-class Turnstile:
-    """Stands in for a server module's `sleep`: each pause lets one stream on only when
-    the test calls `let_one_through`, so a test can watch events arrive one by one."""
-
-    def __init__(self) -> None:
-        self._permits = threading.Semaphore(0)
-        self._closed = threading.Event()
-
-    def sleep(self, seconds: float) -> None:
-        if not self._permits.acquire(timeout=WAIT) and not self._closed.is_set():
-            raise TimeoutError("the test never let the stream through")
-
-    def let_one_through(self) -> None:
-        self._permits.release()
-
-    def open(self) -> None:
-        self._closed.set()
-        for _ in range(1000):  # enough for every pause a test's streams have left
-            self._permits.release()
-
-
 @pytest.fixture
-def turnstile() -> Iterator[Turnstile]:
-    turnstile = Turnstile()
-    yield turnstile
-    turnstile.open()
+def drop_connection(request, monkeypatch) -> Callable[..., None]:
+    """Make the test module's `server` break its connection at one pause (1 is the first),
+    as a network failure would. The other pauses sleep for real only if asked to."""
+
+    def patch(at_pause: int, real_sleep: bool = False) -> None:
+        slept, pauses = request.module.server.sleep, itertools.count(1)
+
+        def sleep(seconds: float) -> None:
+            if next(pauses) == at_pause:
+                raise ConnectionResetError("dropped by the test")
+            if real_sleep:
+                slept(seconds)
+
+        monkeypatch.setattr(request.module.server, "sleep", sleep)
+
+    return patch
 
 
 @pytest.fixture(scope="session")

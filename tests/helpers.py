@@ -19,6 +19,10 @@ def token_for(sub="Alice", key=TEST_KEY, algorithm="HS256", **changes) -> str:
     return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
 
 
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def free_port() -> int:
     """A port nobody listens on: bound by the OS for a moment, then released."""
     with socket.socket() as sock:

@@ -77,8 +77,7 @@ def page(serve, browser):
     return browser
 
 
-def test_feed_events_appear_one_by_one_while_the_stream_runs(page, turnstile, monkeypatch):
-    monkeypatch.setattr(server, "sleep", turnstile.sleep)
+def test_feed_events_appear_one_by_one_while_the_stream_runs(page, gated):
     fill(page, feed_count="3", feed_interval="1")
     page.find_element(By.ID, "feed-start").click()
     for shown in (1, 2):
@@ -86,19 +85,13 @@ def test_feed_events_appear_one_by_one_while_the_stream_runs(page, turnstile, mo
         wait_for(page, lambda shown=shown: len(feed_ids(page)) == shown, f"{shown} events")
         assert feed_ids(page) == [str(n) for n in range(1, shown + 1)]
         assert text_of(page, "feed-status") == "streaming"
-        turnstile.let_one_through()
+        gated.let_one_through()
     wait_for(page, lambda: text_of(page, "feed-status") == "ended: 3 events", "the end")
     assert feed_ids(page) == ["1", "2", "3"]
 
 
-def test_feed_resumes_after_the_server_drops_the_connection(page, monkeypatch):
-    drops = iter([True])
-
-    def drop_once(seconds):  # the first pause, after event 1, breaks the connection
-        if next(drops, False):
-            raise ConnectionAbortedError("dropped by the test")
-
-    monkeypatch.setattr(server, "sleep", drop_once)
+def test_feed_resumes_after_the_server_drops_the_connection(page, drop_connection, monkeypatch):
+    drop_connection(at_pause=1)  # after event 1
     monkeypatch.setattr(server, "RETRY_MS", 100)
     fill(page, feed_count="5", feed_interval="1")
     page.find_element(By.ID, "feed-start").click()
@@ -111,28 +104,20 @@ def test_feed_resumes_after_the_server_drops_the_connection(page, monkeypatch):
     ]
 
 
-def test_tokens_appear_word_by_word_through_fetch(page, turnstile, monkeypatch):
-    monkeypatch.setattr(server, "sleep", turnstile.sleep)
+def test_tokens_appear_word_by_word_through_fetch(page, gated):
     page.find_element(By.ID, "tokens-start").click()
     wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent", "the first word")
     assert text_of(page, "tokens-status") == "streaming: 1 token"
-    turnstile.let_one_through()
+    gated.let_one_through()
     wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent Events", "the second word")
-    turnstile.open()
+    gated.open()
     wait_for(page, lambda: text_of(page, "tokens-status").startswith("done"), "the end")
     assert text_of(page, "tokens-text") == "".join(server.WORDS).strip()
 
 
-def test_screenshot_of_the_page(page, monkeypatch):
+def test_screenshot_of_the_page(page, drop_connection, monkeypatch):
     """For people to look at (test-artifacts/sse_page.png): real pauses, one dropped connection."""
-    real_sleep, drops = server.sleep, iter([False, False, True])
-
-    def drop_the_third_pause(seconds):
-        if next(drops, False):
-            raise ConnectionAbortedError("dropped by the test")
-        real_sleep(seconds)
-
-    monkeypatch.setattr(server, "sleep", drop_the_third_pause)
+    drop_connection(at_pause=3, real_sleep=True)
     monkeypatch.setattr(server, "RETRY_MS", 300)
     fill(page, feed_count="8", feed_interval="0.2", tokens_interval="0.03")
     page.find_element(By.ID, "feed-start").click()

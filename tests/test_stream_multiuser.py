@@ -153,11 +153,8 @@ def test_client_says_when_the_server_is_not_running(capsys):
     )
 
 
-def test_client_reports_a_stream_cut_off_midway(serve, monkeypatch, capsys):
-    def crash(seconds):
-        raise RuntimeError("the server broke down mid-stream")
-
-    monkeypatch.setattr(server, "sleep", crash)
+def test_client_reports_a_stream_cut_off_midway(serve, drop_connection, capsys):
+    drop_connection(at_pause=1)
     argv = ["--url", serve(server.app), "--count", "3", "Alice"]
     assert stream_client_multiuser.main(argv) == 1
     assert capsys.readouterr().err == "error: [Alice] the stream was cut off before its end\n"

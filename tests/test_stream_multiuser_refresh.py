@@ -15,7 +15,7 @@ import stream_client_multiuser_refresh as refresh_client
 import stream_client_multiuser_secure as secure_client
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
-from helpers import TEST_KEY, WAIT, free_port, token_for, wait_for_port
+from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,6 @@ def client():
 
 def pair(client, user="Alice") -> dict:
     return client.post("/generate_token", json={"user_id": user}).json
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def refresh(client, token: str):
@@ -183,16 +179,11 @@ def test_a_stream_stops_the_moment_its_token_expires(client, clock):
     assert started + 7 * (len(sent) - 1) < expires <= started + 7 * len(sent)
 
 
-def test_the_client_gets_every_line_once_across_refreshes_and_a_drop(serve, monkeypatch, capsys):
+def test_the_client_gets_every_line_once_across_refreshes_and_a_drop(
+    serve, drop_connection, monkeypatch, capsys
+):
     monkeypatch.setitem(server.app.config, "ACCESS_LIFETIME", 1)
-    real_sleep, pauses = server.sleep, iter(range(1000))
-
-    def drop_on_the_fifth_pause(seconds):
-        if next(pauses) == 4:
-            raise ConnectionResetError("dropped by the test")
-        real_sleep(seconds)
-
-    monkeypatch.setattr(server, "sleep", drop_on_the_fifth_pause)
+    drop_connection(at_pause=5, real_sleep=True)
     argv = ["--url", serve(server.app), "--user", "Bob", "--count", "30", "--interval", "0.1"]
     assert refresh_client.main(argv) == 0
     out = capsys.readouterr().out.splitlines()

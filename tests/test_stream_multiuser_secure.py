@@ -13,9 +13,8 @@ import pytest
 import show_chunks
 import stream_client_multiuser_secure as secure_client
 import stream_server_multiuser_secure as server
-from helpers import TEST_KEY, free_port, token_for
+from helpers import TEST_KEY, bearer, free_port, token_for
 
-KEY = TEST_KEY
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
 
@@ -24,7 +23,7 @@ PID = os.getpid()  # the tests' own process runs the servers
 
 @pytest.fixture(autouse=True)
 def test_key_and_fresh_tracker(monkeypatch):
-    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", KEY)
+    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
     monkeypatch.setattr(server, "tracker", server.StreamTracker())
     monkeypatch.setattr(server, "sleep", lambda seconds: None)
 
@@ -36,10 +35,6 @@ def client():
 
 def b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def mint(client, **kwargs):
@@ -58,7 +53,7 @@ def test_the_seeds_mint_request_returns_a_bearer_token(client):
     assert body["expires_in"] == 15 * 60
     token = body["access_token"]
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
-    claims = jwt.decode(token, KEY, algorithms=["HS256"])
+    claims = jwt.decode(token, TEST_KEY, algorithms=["HS256"])
     assert set(claims) == {"sub", "iat", "exp"}
     assert claims["sub"] == "User1"
     assert claims["exp"] - claims["iat"] == 15 * 60
@@ -67,7 +62,7 @@ def test_the_seeds_mint_request_returns_a_bearer_token(client):
 def test_token_lifetime_is_configurable(client, monkeypatch):
     monkeypatch.setitem(server.app.config, "TOKEN_LIFETIME", 30)
     body = mint(client, json={"user_id": "User1"}).json
-    claims = jwt.decode(body["access_token"], KEY, algorithms=["HS256"])
+    claims = jwt.decode(body["access_token"], TEST_KEY, algorithms=["HS256"])
     assert body["expires_in"] == claims["exp"] - claims["iat"] == 30
 
 
@@ -121,8 +116,8 @@ def test_a_short_secret_stops_the_server(monkeypatch):
 
 
 def test_the_secret_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("JWT_SECRET_KEY", KEY.decode())
-    assert server.load_secret_key() == KEY
+    monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
+    assert server.load_secret_key() == TEST_KEY
 
 
 # Streaming with a token
@@ -203,7 +198,7 @@ def test_every_bad_token_gets_401_invalid_token_and_no_data(client, name, caplog
     assert "chunk" not in response.text
     assert token not in response.text
     assert token not in caplog.text
-    assert KEY.decode() not in caplog.text
+    assert TEST_KEY.decode() not in caplog.text
     assert server.tracker.snapshot() == {"active": {}, "served": 0, "pid": PID}
 
 

@@ -161,14 +161,10 @@ def test_client_prints_events_as_they_come(serve, pauses, capsys):
     ]
 
 
-def test_client_resumes_after_the_server_drops_the_connection(serve, monkeypatch, capsys):
-    drops = iter([True, False, False, False])
-
-    def drop_once(seconds):  # the first pause, after event 1, breaks the connection
-        if next(drops, False):
-            raise ConnectionAbortedError("dropped by the test")
-
-    monkeypatch.setattr(server, "sleep", drop_once)
+def test_client_resumes_after_the_server_drops_the_connection(
+    serve, drop_connection, monkeypatch, capsys
+):
+    drop_connection(at_pause=1)  # after event 1
     monkeypatch.setattr(server, "RETRY_MS", 10)
     events = list(sse_client.follow(f"{serve(server.app)}/events/Alice", {"count": 5}))
     assert [e.id for e in events if e.type == "chunk"] == ["1", "2", "3", "4", "5"]

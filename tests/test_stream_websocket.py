@@ -12,12 +12,10 @@ import stream_client_websocket as ws_client
 import stream_server_websocket as server
 from helpers import TEST_KEY, WAIT, free_port, token_for, wait_until
 
-KEY = TEST_KEY
-
 
 @pytest.fixture(autouse=True)
 def test_key(monkeypatch):
-    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", KEY)
+    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
 
 
 @pytest.fixture
@@ -194,7 +192,7 @@ def test_plain_http_on_the_websocket_route_gets_a_clear_400(base_url):
 
 def test_minting_works_and_refuses_bad_bodies(base_url):
     good = requests.post(f"{base_url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
-    assert jwt.decode(good.json()["access_token"], KEY, algorithms=["HS256"])["sub"] == "Bob"
+    assert jwt.decode(good.json()["access_token"], TEST_KEY, algorithms=["HS256"])["sub"] == "Bob"
     for body in [{"user_id": "bad user"}, {"user": "Bob"}, ["Bob"]]:
         bad = requests.post(f"{base_url}/generate_token", json=body, timeout=WAIT)
         assert bad.status_code == 400
