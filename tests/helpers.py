@@ -53,15 +53,3 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
-
-
-def wait_for_port(port: int, process) -> None:
-    """Wait until a server subprocess accepts connections on `port`, or fail if it exits."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert process.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "the server did not start in time"
-        time.sleep(0.05)

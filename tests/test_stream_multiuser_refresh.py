@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import stream_client_multiuser_refresh as refresh_client
 import stream_client_multiuser_secure as secure_client
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
-from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_for_port
+from helpers import TEST_KEY, WAIT, bearer, token_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -235,13 +236,13 @@ def test_a_client_that_does_not_trust_the_ca_says_so(serve, tls, capsys, step_se
     "module", ["stream_server_multiuser_secure", "stream_server_multiuser_refresh"]
 )
 def test_the_servers_serve_https_only_with_cert_and_key(tls, module):
-    port = free_port()
-    command = [sys.executable, f"{module}.py", "--port", str(port)]
+    # Port 0: the OS picks a free port, and the dev server logs the one it got.
+    command = [sys.executable, f"{module}.py", "--port", "0"]
     command += ["--cert", tls.cert_file, "--key", tls.key_file]
     env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_port(port, process)
+        port = logged_https_port(process)
         minted = requests.post(
             f"https://127.0.0.1:{port}/generate_token",
             json={"user_id": "Al"},
@@ -256,6 +257,15 @@ def test_the_servers_serve_https_only_with_cert_and_key(tls, module):
     finally:
         process.terminate()
         process.wait(WAIT)
+        process.stderr.close()
+
+
+def logged_https_port(process: subprocess.Popen) -> int:
+    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
+    for line in process.stderr:
+        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("the server exited without saying where it serves HTTPS")
 
 
 def test_a_missing_certificate_stops_the_server_with_a_clear_message(tmp_path):
