@@ -14,7 +14,7 @@ import pytest
 import requests
 
 import show_chunks
-from helpers import TEST_KEY, WAIT, token_for, wait_until
+from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
@@ -82,21 +82,22 @@ def server(request, worker):
     server.stop()
 
 
-def auth_headers(server: Gunicorn, user: str) -> list[str]:
+def auth_headers(server: Gunicorn, user: str) -> dict:
     if server.module != "stream_server_multiuser_secure":
-        return []
-    return [f"Authorization: Bearer {token_for(user)}"]
+        return {}
+    return bearer(token_for(user))
 
 
 def open_stream(server: Gunicorn, query: str, user: str):
     path = STEPS[server.module].format(user=user)
-    sock, wire = show_chunks.send_request(f"{server.url}{path}?{query}", auth_headers(server, user))
+    lines = [f"{name}: {value}" for name, value in auth_headers(server, user).items()]
+    sock, wire = show_chunks.send_request(f"{server.url}{path}?{query}", lines)
     sock.settimeout(WAIT)
     return sock, wire
 
 
 def status(server: Gunicorn) -> dict:
-    headers = dict(h.split(": ", 1) for h in auth_headers(server, user="Observer"))
+    headers = auth_headers(server, user="Observer")
     return requests.get(f"{server.url}/status", headers=headers, timeout=WAIT).json()
 
 
@@ -143,9 +144,7 @@ def test_the_secure_step_refuses_without_a_valid_token(server):
     missing = requests.get(f"{server.url}/stream", timeout=WAIT)
     assert missing.status_code == 401
     assert missing.headers["WWW-Authenticate"] == 'Bearer realm="streams"'
-    forged = requests.get(
-        f"{server.url}/stream", headers={"Authorization": "Bearer a.b.c"}, timeout=WAIT
-    )
+    forged = requests.get(f"{server.url}/stream", headers=bearer("a.b.c"), timeout=WAIT)
     assert forged.status_code == 401
     assert 'error="invalid_token"' in forged.headers["WWW-Authenticate"]
     assert "chunk" not in forged.text
