@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from helpers import WAIT
+from services import RedisServer
 
 
 @pytest.fixture
@@ -130,3 +131,20 @@ def tls(tmp_path_factory) -> SimpleNamespace:
         key_file=str(folder / "server.key"),
         server_context=context,
     )
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the whole run (Debian's package, installed by .ci/run)."""
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of a running, empty Redis, for one test."""
+    if redis_server.process is None:  # a test before this one stopped it
+        redis_server.start()
+    redis_server.flush()
+    return redis_server.url
