@@ -6,6 +6,9 @@
 Flags on the command line override what is set here.
 """
 
+import subprocess
+import sys
+
 bind = "127.0.0.1:5000"
 worker_class = "gthread"
 workers = 2
@@ -29,3 +32,26 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
+
+
+
+def on_starting(server) -> None:
+    """Once, in gunicorn's master, before any worker starts: a step that signs tokens
+    checks JWT_SECRET_KEY here, so a missing or short key stops gunicorn with the step's
+    own message. (A worker that exited over it would be started again, forever.) The check
+    runs in a separate interpreter: the master must not import the step itself, or the
+    gevent worker could no longer patch what the step imported."""
+    module = (server.cfg.wsgi_app or server.app.app_uri).partition(":")[0]
+    check = f"import {module} as step\nif hasattr(step, 'load_secret_key'):\n"
+    check += "    step.load_secret_key(required=True)"
+    if subprocess.run([sys.executable, "-c", check]).returncode:
+        raise SystemExit(1)  # the step has said why
+
+
+def post_worker_init(worker) -> None:
+    """Each worker, once it has imported its step: the steps that sign tokens load
+    JWT_SECRET_KEY here, as their __main__ does for Flask's own server."""
+    step = sys.modules.get(getattr(worker.wsgi, "import_name", ""))
+    if hasattr(step, "load_secret_key"):
+        # Required: a random key per worker would make each refuse the others' tokens.
+        worker.wsgi.config["JWT_SECRET_KEY"] = step.load_secret_key(required=True)

@@ -13,6 +13,7 @@ Run it, then stream from it in a second terminal:
 import argparse
 import json
 import logging
+import re
 from collections.abc import Iterator
 from time import sleep
 
@@ -24,6 +25,7 @@ app = Flask(__name__)
 
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
+NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
 
 
 def generate_chunks(count: int, interval: float) -> Iterator[str]:
@@ -53,11 +55,9 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
-    # `not low <= value <= high` also rejects nan and inf.
+    # Plain ASCII digits only: int() and float() also take Arabic-Indic and full-width
+    # digits, " 5 ", "+5", "1_000", "nan" and "1e3", which no client means to send.
+    value = convert(raw) if NUMBER[convert].fullmatch(raw) else None
     if value is None or not low <= value <= high:
         kind = "a whole number" if convert is int else "a number"
         abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
@@ -91,7 +91,8 @@ def index() -> Response:
 def error_as_json(error: HTTPException) -> Response:
     """Answer every HTTP error (400, 404, 405, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
-    response.set_data(json.dumps({"error": error.description}))
+    # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
+    response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
 

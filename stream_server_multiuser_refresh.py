@@ -35,23 +35,26 @@ app.config["REFRESH_LIFETIME"] = 60 * 60
 
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
+NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
 MAX_TOKEN_LENGTH = 1024
-USER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
+USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 REALM = "streams"
 
 
-def load_secret_key() -> bytes:
-    """The HS256 signing key, from JWT_SECRET_KEY; never written in code."""
+def load_secret_key(required: bool = False) -> bytes:
+    """The HS256 signing key, from JWT_SECRET_KEY; never written in code. Called at start
+    (here in __main__, under gunicorn by gunicorn.conf.py), never at import."""
     secret = os.environ.get("JWT_SECRET_KEY")
-    if secret is None:
+    if secret is None and not required:
+        # Random per process: tokens die with it, and another process rejects them.
         logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
         return secrets.token_bytes(32)
-    if len(secret.encode()) < 32:
-        raise SystemExit("JWT_SECRET_KEY must be at least 32 bytes (HS256 needs a 256-bit key)")
+    if secret is None or len(secret.encode()) < 32:
+        # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
+        raise SystemExit("JWT_SECRET_KEY must be set, at least 32 bytes (HS256 needs 256 bits)")
     return secret.encode()
 
-
-app.config["JWT_SECRET_KEY"] = load_secret_key()
 
 
 class RefreshTokenLedger:
@@ -121,7 +124,7 @@ def generate_token() -> Response:
     """Mint a pair for any user id: a stand-in for a real login (see step 3)."""
     user_id = json_field("user_id")
     if not USER_ID.fullmatch(user_id):
-        abort(400, "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        abort(400, "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots")
     return token_pair(user_id)
 
 
@@ -200,10 +203,9 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
+    # Plain ASCII digits only: int() and float() also take Arabic-Indic and full-width
+    # digits, " 5 ", "+5", "1_000", "nan" and "1e3", which no client means to send.
+    value = convert(raw) if NUMBER[convert].fullmatch(raw) else None
     if value is None or not low <= value <= high:
         kind = "a whole number" if convert is int else "a number"
         abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
@@ -241,9 +243,10 @@ def ask_for_a_token(error: Unauthenticated) -> Response:
 
 @app.errorhandler(HTTPException)
 def error_as_json(error: HTTPException) -> Response:
-    """Answer every HTTP error (400, 404, 405, 413, 500...) as JSON, never as an HTML page."""
+    """Answer every HTTP error (400, 404, 405, 413, 415, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
-    response.set_data(json.dumps({"error": error.description}))
+    # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
+    response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
 
@@ -274,4 +277,5 @@ if __name__ == "__main__":
         parser.error(f"cannot use --cert {args.cert} --key {args.key}: {error}")
     app.config.update(ACCESS_LIFETIME=args.access_lifetime, REFRESH_LIFETIME=args.refresh_lifetime)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app.config["JWT_SECRET_KEY"] = load_secret_key()
     app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)

@@ -38,25 +38,31 @@ app.config["TOKEN_LIFETIME"] = 15 * 60  # seconds
 
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
+NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
 MAX_TOKEN_LENGTH = 1024  # ours are about 250 characters; refuse to parse anything huge
-USER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The JWT header that marks an access token (RFC 9068). Every step that takes tokens
+# requires it, so a token minted for another purpose (a refresh token) opens no stream.
+ACCESS_TOKEN_TYPE = "at+jwt"
+# Seconds of clock difference forgiven in exp and iat: a token minted on a host whose
+# clock runs slightly ahead is not "not valid yet" here.
+CLOCK_LEEWAY = 10
+# Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
+USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 REALM = "streams"
 
 
-def load_secret_key() -> bytes:
-    """The HS256 signing key, from JWT_SECRET_KEY; never written in code."""
+def load_secret_key(required: bool = False) -> bytes:
+    """The HS256 signing key, from JWT_SECRET_KEY; never written in code. Called at start
+    (here in __main__, under gunicorn by gunicorn.conf.py), never at import."""
     secret = os.environ.get("JWT_SECRET_KEY")
-    if secret is None:
-        # Random per process: tokens die with it, and another gunicorn worker rejects them.
+    if secret is None and not required:
+        # Random per process: tokens die with it, and another process rejects them.
         logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
         return secrets.token_bytes(32)
-    if len(secret.encode()) < 32:
+    if secret is None or len(secret.encode()) < 32:
         # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
-        raise SystemExit("JWT_SECRET_KEY must be at least 32 bytes (HS256 needs a 256-bit key)")
+        raise SystemExit("JWT_SECRET_KEY must be set, at least 32 bytes (HS256 needs 256 bits)")
     return secret.encode()
-
-
-app.config["JWT_SECRET_KEY"] = load_secret_key()
 
 
 class StreamTracker:
@@ -108,24 +114,35 @@ def authenticate(body: dict) -> str:
     if user_id is None:
         abort(400, "user_id is missing")
     if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
-        abort(400, "user_id must be a string of 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        rule = "1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots"
+        abort(400, f"user_id must be a string of {rule}")
     return user_id
+
+
+def json_object() -> dict:
+    """The request body as a JSON object, or 415 or 400 saying what is wrong."""
+    if not request.is_json:
+        abort(415, "send the body as JSON, with Content-Type: application/json")
+    try:
+        body = request.get_json(silent=True)  # None if it does not parse
+    except RecursionError:  # "[" nested a thousand deep: json gives up with this, not ValueError
+        body = None
+    if not isinstance(body, dict):
+        abort(400, 'the body must be a JSON object such as {"user_id": "User1"}')
+    return body
 
 
 @app.post("/generate_token")
 def generate_token() -> Response:
-    if not request.is_json:
-        abort(415, "send the body as JSON, with Content-Type: application/json")
-    body = request.get_json(silent=True)  # None if it does not parse
-    if not isinstance(body, dict):
-        abort(400, 'the body must be a JSON object such as {"user_id": "User1"}')
-    user_id = authenticate(body)
+    """Mint an access token for the user that authenticate() vouches for."""
+    user_id = authenticate(json_object())
     now = int(time())
     lifetime = app.config["TOKEN_LIFETIME"]
     # A JWT is signed, not encrypted: anyone holding it can read these claims,
     # so nothing secret goes in. The signature only proves we wrote them.
     claims = {"sub": user_id, "iat": now, "exp": now + lifetime}
-    token = jwt.encode(claims, app.config["JWT_SECRET_KEY"], algorithm="HS256")
+    key, header = app.config["JWT_SECRET_KEY"], {"typ": ACCESS_TOKEN_TYPE}
+    token = jwt.encode(claims, key, algorithm="HS256", headers=header)
     logger.info("minted a token for %s", user_id)
     response = jsonify(access_token=token, token_type="Bearer", expires_in=lifetime)
     response.headers["Cache-Control"] = "no-store"  # RFC 6749, 5.1: tokens must not be cached
@@ -139,6 +156,7 @@ TOKEN_PROBLEMS = {  # what went wrong, in words that never quote the token itsel
     jwt.InvalidSignatureError: "the token signature does not match",
     jwt.InvalidAlgorithmError: "the token is not signed with HS256",
 }
+WRONG_TYPE = f"not an access token (its JWT header lacks typ {ACCESS_TOKEN_TYPE})"
 
 
 def authenticated_user() -> str:
@@ -149,16 +167,19 @@ def authenticated_user() -> str:
     if len(token) > MAX_TOKEN_LENGTH:
         raise Unauthenticated("the token is too long")
     try:
-        claims = jwt.decode(
+        decoded = jwt.decode_complete(  # the header too, for its typ
             token.strip(),
             app.config["JWT_SECRET_KEY"],
             algorithms=["HS256"],  # pinned: never let the token choose (think "alg": "none")
             options={"require": ["exp", "iat", "sub"]},
+            leeway=CLOCK_LEEWAY,
         )
     except jwt.PyJWTError as error:  # not just InvalidTokenError: InvalidKeyError is outside it
         problems = [text for kind, text in TOKEN_PROBLEMS.items() if isinstance(error, kind)]
         raise Unauthenticated(problems[0] if problems else "the token is malformed") from None
-    return claims["sub"]
+    if decoded["header"].get("typ") != ACCESS_TOKEN_TYPE:
+        raise Unauthenticated(WRONG_TYPE)
+    return decoded["payload"]["sub"]
 
 
 def generate_chunks(user_id: str, count: int, interval: float) -> Iterator[str]:
@@ -185,10 +206,9 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
+    # Plain ASCII digits only: int() and float() also take Arabic-Indic and full-width
+    # digits, " 5 ", "+5", "1_000", "nan" and "1e3", which no client means to send.
+    value = convert(raw) if NUMBER[convert].fullmatch(raw) else None
     if value is None or not low <= value <= high:
         kind = "a whole number" if convert is int else "a number"
         abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
@@ -234,7 +254,8 @@ def ask_for_a_token(error: Unauthenticated) -> Response:
 def error_as_json(error: HTTPException) -> Response:
     """Answer every HTTP error (400, 404, 405, 413, 415, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
-    response.set_data(json.dumps({"error": error.description}))
+    # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
+    response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
 
@@ -264,4 +285,5 @@ if __name__ == "__main__":
         parser.error(f"cannot use --cert {args.cert} --key {args.key}: {error}")
     app.config["TOKEN_LIFETIME"] = args.token_lifetime
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app.config["JWT_SECRET_KEY"] = load_secret_key()
     app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)

@@ -26,7 +26,9 @@ app = Flask(__name__)
 
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
-USER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
+USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 RETRY_MS = 2000  # sent as `retry:`: how long a client waits before it reconnects
 HEARTBEAT = 15.0  # seconds: a quiet stream sends a comment this often, or proxies may cut it
 WORDS = re.findall(
@@ -88,10 +90,9 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
+    # Plain ASCII digits only: int() and float() also take Arabic-Indic and full-width
+    # digits, " 5 ", "+5", "1_000", "nan" and "1e3", which no client means to send.
+    value = convert(raw) if NUMBER[convert].fullmatch(raw) else None
     if value is None or not low <= value <= high:
         kind = "a whole number" if convert is int else "a number"
         abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
@@ -106,7 +107,7 @@ def sse_response(body: Iterator[str]) -> Response:
 @app.get("/events/<user_id>")
 def events(user_id: str) -> Response:
     if not USER_ID.fullmatch(user_id):
-        abort(400, "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+        abort(400, "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots")
     count = query_number("count", int, 10, 1, MAX_COUNT)
     interval = query_number("interval", float, 1.0, 0, MAX_INTERVAL)
     first = first_event()
@@ -139,7 +140,8 @@ def page() -> Response:
 def error_as_json(error: HTTPException) -> Response:
     """Answer every HTTP error (400, 404, 405, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
-    response.set_data(json.dumps({"error": error.description}))
+    # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
+    response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
 

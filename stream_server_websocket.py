@@ -38,23 +38,32 @@ sock = Sock(app)
 
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
-MAX_TOKEN_LENGTH = 1024
-USER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+MAX_TOKEN_LENGTH = 1024  # ours are about 250 characters; refuse to parse anything huge
+# The JWT header that marks an access token (RFC 9068). Every step that takes tokens
+# requires it, so a token minted for another purpose (a refresh token) opens no stream.
+ACCESS_TOKEN_TYPE = "at+jwt"
+# Seconds of clock difference forgiven in exp and iat: a token minted on a host whose
+# clock runs slightly ahead is not "not valid yet" here.
+CLOCK_LEEWAY = 10
+# Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
+USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 REALM = "streams"
 
 
-def load_secret_key() -> bytes:
-    """The HS256 signing key, from JWT_SECRET_KEY; never written in code."""
+def load_secret_key(required: bool = False) -> bytes:
+    """The HS256 signing key, from JWT_SECRET_KEY; never written in code. Called at start
+    (here in __main__, under gunicorn by gunicorn.conf.py), never at import."""
     secret = os.environ.get("JWT_SECRET_KEY")
-    if secret is None:
+    if secret is None and not required:
+        # Random per process: tokens die with it, and another process rejects them.
         logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
         return secrets.token_bytes(32)
-    if len(secret.encode()) < 32:
-        raise SystemExit("JWT_SECRET_KEY must be at least 32 bytes (HS256 needs a 256-bit key)")
+    if secret is None or len(secret.encode()) < 32:
+        # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
+        raise SystemExit("JWT_SECRET_KEY must be set, at least 32 bytes (HS256 needs 256 bits)")
     return secret.encode()
 
-
-app.config["JWT_SECRET_KEY"] = load_secret_key()
 
 
 class Unauthenticated(Exception):
@@ -65,48 +74,84 @@ class Unauthenticated(Exception):
         self.description = description
 
 
+def authenticate(body: dict) -> str:
+    """Decide which user is asking for a token.
+
+    DEMO ONLY: anyone may claim any user id, as in the tutorial this project
+    comes from. In production this is where a real service checks credentials
+    (a password against its stored hash, a session, a login at an identity
+    provider) and returns the user id that those credentials belong to.
+    """
+    user_id = body.get("user_id")
+    if user_id is None:
+        abort(400, "user_id is missing")
+    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
+        rule = "1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots"
+        abort(400, f"user_id must be a string of {rule}")
+    return user_id
+
+
+def json_object() -> dict:
+    """The request body as a JSON object, or 415 or 400 saying what is wrong."""
+    if not request.is_json:
+        abort(415, "send the body as JSON, with Content-Type: application/json")
+    try:
+        body = request.get_json(silent=True)  # None if it does not parse
+    except RecursionError:  # "[" nested a thousand deep: json gives up with this, not ValueError
+        body = None
+    if not isinstance(body, dict):
+        abort(400, 'the body must be a JSON object such as {"user_id": "User1"}')
+    return body
+
+
 @app.post("/generate_token")
 def generate_token() -> Response:
-    """Mint a token for any user id: a stand-in for a real login, as in step 3."""
-    body = request.get_json(silent=True) if request.is_json else None
-    user_id = body.get("user_id") if isinstance(body, dict) else None
-    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
-        abort(400, 'send JSON such as {"user_id": "User1"}: 1 to 64 of A-Z a-z 0-9 _ . -')
-    now, lifetime = int(time()), app.config["TOKEN_LIFETIME"]
+    """Mint an access token for the user that authenticate() vouches for."""
+    user_id = authenticate(json_object())
+    now = int(time())
+    lifetime = app.config["TOKEN_LIFETIME"]
+    # A JWT is signed, not encrypted: anyone holding it can read these claims,
+    # so nothing secret goes in. The signature only proves we wrote them.
     claims = {"sub": user_id, "iat": now, "exp": now + lifetime}
-    token = jwt.encode(claims, app.config["JWT_SECRET_KEY"], algorithm="HS256")
+    key, header = app.config["JWT_SECRET_KEY"], {"typ": ACCESS_TOKEN_TYPE}
+    token = jwt.encode(claims, key, algorithm="HS256", headers=header)
+    logger.info("minted a token for %s", user_id)
     response = jsonify(access_token=token, token_type="Bearer", expires_in=lifetime)
-    response.headers["Cache-Control"] = "no-store"
+    response.headers["Cache-Control"] = "no-store"  # RFC 6749, 5.1: tokens must not be cached
     return response
 
 
-TOKEN_PROBLEMS = {
+TOKEN_PROBLEMS = {  # what went wrong, in words that never quote the token itself
     jwt.ExpiredSignatureError: "the token has expired",
     jwt.ImmatureSignatureError: "the token is not valid yet",
     jwt.MissingRequiredClaimError: "the token lacks a required claim (sub, iat or exp)",
     jwt.InvalidSignatureError: "the token signature does not match",
     jwt.InvalidAlgorithmError: "the token is not signed with HS256",
 }
+WRONG_TYPE = f"not an access token (its JWT header lacks typ {ACCESS_TOKEN_TYPE})"
 
 
 def authenticated_user() -> str:
-    """The user id of a valid bearer token."""
+    """The user id of a valid bearer token, checked before any response is started."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated()
     if len(token) > MAX_TOKEN_LENGTH:
         raise Unauthenticated("the token is too long")
     try:
-        claims = jwt.decode(
+        decoded = jwt.decode_complete(  # the header too, for its typ
             token.strip(),
             app.config["JWT_SECRET_KEY"],
-            algorithms=["HS256"],
+            algorithms=["HS256"],  # pinned: never let the token choose (think "alg": "none")
             options={"require": ["exp", "iat", "sub"]},
+            leeway=CLOCK_LEEWAY,
         )
-    except jwt.PyJWTError as error:
+    except jwt.PyJWTError as error:  # not just InvalidTokenError: InvalidKeyError is outside it
         problems = [text for kind, text in TOKEN_PROBLEMS.items() if isinstance(error, kind)]
         raise Unauthenticated(problems[0] if problems else "the token is malformed") from None
-    return claims["sub"]
+    if decoded["header"].get("typ") != ACCESS_TOKEN_TYPE:
+        raise Unauthenticated(WRONG_TYPE)
+    return decoded["payload"]["sub"]
 
 
 def query_number(name: str, convert: type, default: float, low: float, high: float):
@@ -114,10 +159,9 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = convert(raw)
-    except ValueError:
-        value = None
+    # Plain ASCII digits only: int() and float() also take Arabic-Indic and full-width
+    # digits, " 5 ", "+5", "1_000", "nan" and "1e3", which no client means to send.
+    value = convert(raw) if NUMBER[convert].fullmatch(raw) else None
     if value is None or not low <= value <= high:
         kind = "a whole number" if convert is int else "a number"
         abort(400, f"{name} must be {kind} from {low} to {high}, got {raw!r}")
@@ -210,9 +254,10 @@ def wrong_protocol(error: WebsocketMismatch) -> tuple[Response, int]:
 
 @app.errorhandler(HTTPException)
 def error_as_json(error: HTTPException) -> Response:
-    """Answer every HTTP error (400, 404, 405, 413, 500...) as JSON, never as an HTML page."""
+    """Answer every HTTP error (400, 404, 405, 413, 415, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
-    response.set_data(json.dumps({"error": error.description}))
+    # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
+    response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
 
@@ -223,4 +268,5 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    app.config["JWT_SECRET_KEY"] = load_secret_key()
     app.run(host=args.host, port=args.port, threaded=True)  # one thread per WebSocket

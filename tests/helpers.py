@@ -12,11 +12,13 @@ WAIT = 10.0  # seconds: the most any test waits for something that should happen
 TEST_KEY = b"the test signing key " * 4
 
 
-def token_for(sub="Alice", key=TEST_KEY, algorithm="HS256", **changes) -> str:
-    """Forge a token with PyJWT: valid unless `changes` say otherwise (None drops a claim)."""
+def token_for(sub="Alice", key=TEST_KEY, algorithm="HS256", typ="at+jwt", **changes) -> str:
+    """Forge an access token with PyJWT: valid unless the arguments say otherwise (None drops
+    a claim, typ=None the header's typ)."""
     now = int(time.time())
     claims = {"sub": sub, "iat": now, "exp": now + 3600, **changes}
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm=algorithm)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm=algorithm, headers={"typ": typ} if typ else None)
 
 
 def bearer(token: str) -> dict:

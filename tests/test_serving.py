@@ -155,3 +155,22 @@ def test_tokens_are_signed_with_the_shared_secret(server):
     minted = requests.post(f"{server.url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
     claims = jwt.decode(minted.json()["access_token"], TEST_KEY, algorithms=["HS256"])
     assert claims["sub"] == "Bob"  # signed with JWT_SECRET_KEY, not a per-process random key
+
+
+@pytest.mark.parametrize("key", [None, "too short"], ids=["unset", "short"])
+def test_a_missing_or_short_key_stops_gunicorn_once(key):
+    # Before, a worker that refused the key exited and gunicorn started another, forever.
+    env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET_KEY"}
+    if key is not None:
+        env["JWT_SECRET_KEY"] = key
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0"]
+    command += ["stream_server_multiuser_secure:app"]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "JWT_SECRET_KEY must be set, at least 32 bytes" in output
+    assert output.count("JWT_SECRET_KEY must be set") == 1
+    assert "Booting worker" not in output  # stopped before any worker, never restarted
+    assert "Traceback" not in output

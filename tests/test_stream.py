@@ -73,6 +73,15 @@ def test_each_chunk_is_produced_only_when_the_one_before_was_taken(client, pause
         ("interval=60.5", "interval"),
         ("interval=nan", "interval"),
         ("interval=inf", "interval"),
+        # int() and float() would take these; a query string takes plain ASCII digits only.
+        ("count=%D9%A1%D9%A2", "count"),  # Arabic-Indic digits
+        ("count=%EF%BC%91%EF%BC%92", "count"),  # full-width digits
+        ("count=%205%20", "count"),
+        ("count=%2B5", "count"),
+        ("count=1_000", "count"),
+        ("interval=1e1", "interval"),
+        ("interval=%2B0.5", "interval"),
+        ("interval=.5", "interval"),
     ],
 )
 def test_bad_numbers_get_400_json_before_streaming(client, query, name):
@@ -87,6 +96,11 @@ def test_limits_are_inclusive(client, query):
     response = client.get(f"/stream?{query}", buffered=False)
     assert response.status_code == 200
     response.close()
+
+
+def test_json_errors_end_with_a_newline(client):
+    # Without it, curl's output runs into the shell prompt.
+    assert client.get("/stream?count=0").text.endswith("}\n")
 
 
 def test_unknown_paths_and_methods_get_json_errors(client):

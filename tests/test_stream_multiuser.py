@@ -46,15 +46,23 @@ def test_user_ids_of_allowed_characters_stream(client, user_id):
     assert client.get(f"/stream/{user_id}?count=1").text == f"chunk 1 of 1 for {user_id}\n"
 
 
-@pytest.mark.parametrize("user_id", ["Z" * 65, "bad user", "semi;colon", "émile", "<script>"])
+USER_ID_RULE = "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots"
+
+
+@pytest.mark.parametrize(
+    "user_id", ["Z" * 65, "bad user", "semi;colon", "émile", "<script>", "...", "%2E", "%2E%2E"]
+)
 def test_other_user_ids_get_400_json(client, user_id):
     response = client.get(f"/stream/{user_id}")
     assert response.status_code == 400
-    assert response.json == {"error": "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -"}
+    assert response.json == {"error": USER_ID_RULE}
     assert server.tracker.snapshot() == {"active": {}, "served": 0, "pid": PID}
 
 
-@pytest.mark.parametrize(("query", "name"), [("count=0", "count"), ("interval=x", "interval")])
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [("count=0", "count"), ("interval=x", "interval"), ("count=%2B5", "count")],
+)
 def test_bad_numbers_get_400_json(client, query, name):
     response = client.get(f"/stream/Alice?{query}")
     assert response.status_code == 400
@@ -140,7 +148,7 @@ def test_client_reports_each_users_error(serve, capsys):
     assert "[Good] " in captured.out
     assert captured.err == (
         "error: [bad user] server answered 400: "
-        "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -\n"
+        f"{USER_ID_RULE}\n"
     )
 
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def test_key_and_fresh_ledger(monkeypatch):
     monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    monkeypatch.setitem(secure_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
     monkeypatch.setattr(server, "ledger", server.RefreshTokenLedger())
 
 

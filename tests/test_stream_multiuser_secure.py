@@ -4,20 +4,25 @@ import base64
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import jwt
 import pytest
 
 import show_chunks
 import stream_client_multiuser_secure as secure_client
+import stream_server_multiuser_refresh as refresh_server
 import stream_server_multiuser_secure as server
-from helpers import TEST_KEY, bearer, free_port, token_for
+from helpers import TEST_KEY, WAIT, bearer, free_port, token_for
 
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
 
+ROOT = Path(__file__).resolve().parent.parent
 PID = os.getpid()  # the tests' own process runs the servers
 
 
@@ -66,7 +71,7 @@ def test_token_lifetime_is_configurable(client, monkeypatch):
     assert body["expires_in"] == claims["exp"] - claims["iat"] == 30
 
 
-USER_ID_RULE = "user_id must be a string of 1 to 64 characters of A-Z a-z 0-9 _ . -"
+USER_ID_RULE = "user_id must be a string of 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +90,9 @@ USER_ID_RULE = "user_id must be a string of 1 to 64 characters of A-Z a-z 0-9 _ 
         ({"json": {"user_id": "U" * 65}}, 400, USER_ID_RULE),
         ({"json": {"user_id": "bad user"}}, 400, USER_ID_RULE),
         ({"json": {"user_id": "x" * 2000}}, 413, "exceeds the capacity limit"),
+        ({"json": {"user_id": ".."}}, 400, USER_ID_RULE),
+        # Deeper than Python's json parser goes: a RecursionError, not a 500.
+        ({"data": "[" * 1000, "content_type": "application/json"}, 400, "must be a JSON object"),
     ],
 )
 def test_bad_mint_requests_get_clear_json_errors(client, request_kwargs, status, error):
@@ -115,12 +123,48 @@ def test_a_short_secret_stops_the_server(monkeypatch):
         server.load_secret_key()
 
 
+def test_a_required_secret_must_be_set(monkeypatch):
+    monkeypatch.delenv("JWT_SECRET_KEY", raising=False)
+    with pytest.raises(SystemExit, match="must be set"):
+        server.load_secret_key(required=True)
+
+
+def test_help_prints_only_the_help():
+    # Nothing happens at import: no warning about the key before the reader asked for help.
+    env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET_KEY"}
+    command = [sys.executable, "stream_server_multiuser_secure.py", "--help"]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage:")
+    assert result.stderr == ""
+
+
 def test_the_secret_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
     assert server.load_secret_key() == TEST_KEY
 
 
 # Streaming with a token
+
+
+def test_a_token_from_a_clock_slightly_ahead_is_accepted(client):
+    # Any host may check any host's tokens: a second of clock difference is no reason to refuse.
+    ahead = int(time.time()) + 1
+    response = client.get("/stream?count=1", headers=bearer(token_for(iat=ahead)))
+    assert response.status_code == 200, response.text
+    assert server.CLOCK_LEEWAY >= 1
+
+
+def test_a_step_6_refresh_token_opens_no_stream(client, monkeypatch):
+    # With the one JWT_SECRET_KEY the README recommends for all steps, a token minted for
+    # another purpose must still be refused: only access tokens (typ at+jwt) open streams.
+    monkeypatch.setitem(refresh_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    pair = refresh_server.app.test_client().post("/generate_token", json={"user_id": "Al"}).json
+    response = client.get("/stream?count=1", headers=bearer(pair["refresh_token"]))
+    assert response.status_code == 401, response.text
+    assert response.json["error_description"] == NOT_AN_ACCESS_TOKEN
 
 
 def test_a_token_streams_its_own_user_only(client):
@@ -163,6 +207,7 @@ def other_algorithm(alg: str) -> str:
 
 
 NOW = int(time.time())
+NOT_AN_ACCESS_TOKEN = "not an access token (its JWT header lacks typ at+jwt)"
 BAD_TOKENS = {
     "garbage": ("not-a-jwt", "the token is malformed"),
     "two segments": ("abc.def", "the token is malformed"),
@@ -182,6 +227,9 @@ BAD_TOKENS = {
     "numeric sub": (token_for(sub=42), "the token is malformed"),
     "text exp": (token_for(exp="tomorrow"), "the token is malformed"),
     "oversized": (token_for(padding="x" * 1000), "the token is too long"),
+    "no typ": (token_for(typ=None), NOT_AN_ACCESS_TOKEN),
+    "typ JWT": (token_for(typ="JWT"), NOT_AN_ACCESS_TOKEN),
+    "iat beyond the leeway": (token_for(iat=NOW + 60), "the token is not valid yet"),
 }
 
 

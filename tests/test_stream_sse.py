@@ -130,6 +130,8 @@ def test_tokens_arrive_one_word_each_and_end(client):
     [
         ("/events/bad%20user", "user_id must be"),
         ("/events/Alice?count=0", "count must be"),
+        ("/events/Alice?count=%EF%BC%95", "count must be"),
+        ("/events/..", "user_id must be"),
         ("/events/Alice?interval=-1", "interval must be"),
         ("/tokens?interval=x", "interval must be"),
     ],
