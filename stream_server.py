@@ -7,7 +7,7 @@ sees the first line long before the last one exists.
 Run it, then stream from it in a second terminal:
 
     python stream_server.py                  # serves http://127.0.0.1:5000
-    python stream_client.py                  # or: curl -N --raw "http://127.0.0.1:5000/stream?count=3"
+    python stream_client.py                  # or: curl -sN --raw "http://127.0.0.1:5000/stream?count=3"
 """
 
 import argparse
@@ -82,7 +82,7 @@ def stream() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    example = f"curl -N --raw '{request.host_url}stream?count=5&interval=1'"
+    example = f"curl -sN --raw '{request.host_url}stream?count=5&interval=1'"
     note = f"GET /stream?count=N&interval=SECONDS streams N lines.\nTry: {example}\n"
     return Response(note, mimetype="text/plain")
 

@@ -7,7 +7,7 @@ who is streaming right now at GET /status.
 Run it, then stream three users at once from a second terminal:
 
     python stream_server_multiuser.py        # serves http://127.0.0.1:5000
-    python stream_client_multiuser.py        # or: curl -N http://127.0.0.1:5000/stream/User1
+    python stream_client_multiuser.py        # or: curl -sN http://127.0.0.1:5000/stream/User1
 """
 
 import argparse
@@ -128,7 +128,7 @@ def status() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    example = f"curl -N '{request.host_url}stream/User1?count=5&interval=1'"
+    example = f"curl -sN '{request.host_url}stream/User1?count=5&interval=1'"
     note = (
         "GET /stream/<user_id>?count=N&interval=SECONDS streams N lines for one user.\n"
         f"GET /status shows who is streaming.\nTry: {example}\n"

@@ -8,7 +8,7 @@ duplicate. GET /tokens streams a text word by word, as a chat assistant does, an
 GET / serves a page that shows both live.
 
     python stream_server_sse.py           # then open http://127.0.0.1:5000 in a browser
-    python stream_client_sse.py           # or: curl -N http://127.0.0.1:5000/events/User1
+    python stream_client_sse.py           # or: curl -sN http://127.0.0.1:5000/events/User1
 """
 
 import argparse
