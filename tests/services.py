@@ -1,13 +1,23 @@
-"""Real servers that the tests start themselves: redis-server (Debian's package), on a free
-loopback port with throwaway settings, stopped by its own PID."""
+"""Real servers that the tests start themselves, each on a free loopback port with throwaway
+settings and stopped by its own PID: redis-server (Debian's package), and gunicorn serving a
+step's app."""
 
+import os
+import queue
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
+import time
+from pathlib import Path
 
 import redis
 
-from helpers import free_port, wait_until
+from helpers import TEST_KEY, WAIT, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RedisServer:
@@ -57,3 +67,54 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Gunicorn:
+    """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
+
+    def __init__(self, module: str, worker: str, threads: int = 8) -> None:
+        self.module = module
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
+        command += ["-w", "1", "--threads", str(threads), "-b", "127.0.0.1:0", f"{module}:app"]
+        # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
+        command += ["--graceful-timeout", "1"]
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str) -> re.Match:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"gunicorn never logged {pattern!r}:\n{''.join(self.log)}")
+
+    def has_logged(self, pattern: str) -> bool:
+        """Whether a line so far matches `pattern`; does not wait."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return any(re.search(pattern, line) for line in self.log)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
