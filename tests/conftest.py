@@ -14,7 +14,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from helpers import WAIT
-from services import RedisServer
+from services import Gunicorn, Nginx, RedisServer
 
 
 @pytest.fixture
@@ -148,3 +148,35 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def nginx() -> Iterator[Callable[..., Nginx]]:
+    """Start deploy/nginx.conf (Debian's nginx, installed by .ci/run) in front of apps:
+    nginx(port) or nginx(port, second_port), with directives to change as keywords (and run_as,
+    a user to run it as when the tests run as root). Each call gives a running Nginx, whose
+    `url` is where to send requests; all stop when the test ends."""
+    started: list[Nginx] = []
+
+    def start(*app_ports: int, run_as: str | None = None, **settings: str) -> Nginx:
+        started.append(Nginx(app_ports, settings, run_as))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+@pytest.fixture
+def gunicorn() -> Iterator[Callable[..., Gunicorn]]:
+    """Start a step's app under gunicorn: gunicorn(module, worker, threads=8). Each call gives
+    a running server (one worker process, on a free port); all stop when the test ends."""
+    started: list[Gunicorn] = []
+
+    def start(module: str, worker: str = "gthread", threads: int = 8) -> Gunicorn:
+        started.append(Gunicorn(module, worker, threads))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()  # does nothing to a server the test has stopped already

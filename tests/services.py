@@ -1,13 +1,27 @@
-"""Real servers that the tests start themselves: redis-server (Debian's package), on a free
-loopback port with throwaway settings, stopped by its own PID."""
+"""Real servers that the tests start themselves, each on a free loopback port with throwaway
+settings and stopped by its own PID: redis-server and nginx (Debian's packages), and gunicorn
+serving a step's app."""
 
+import os
+import pwd
+import queue
+import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import redis
 
-from helpers import free_port, wait_until
+from helpers import TEST_KEY, WAIT, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RedisServer:
@@ -57,3 +71,140 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Gunicorn:
+    """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
+
+    def __init__(self, module: str, worker: str, threads: int = 8) -> None:
+        self.module = module
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
+        command += ["-w", "1", "--threads", str(threads), "-b", "127.0.0.1:0", f"{module}:app"]
+        # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
+        command += ["--graceful-timeout", "1"]
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str) -> re.Match:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"gunicorn never logged {pattern!r}:\n{''.join(self.log)}")
+
+    def has_logged(self, pattern: str) -> bool:
+        """Whether a line so far matches `pattern`; does not wait."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return any(re.search(pattern, line) for line in self.log)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+class Nginx:
+    """Debian's nginx running deploy/nginx.conf from a temporary prefix, the file unchanged but
+    for its addresses: it listens on a free port instead of 8080 and proxies to `app_ports`
+    instead of 5000 and 5001 (a single port stands for both). `settings` replace the values of
+    directives, such as {"client_header_timeout": "1s"}. Started by root, `run_as` names the
+    ordinary user to start it as."""
+
+    CONF = ROOT / "deploy" / "nginx.conf"
+
+    def __init__(
+        self,
+        app_ports: Sequence[int],
+        settings: dict[str, str] | None = None,
+        run_as: str | None = None,
+    ) -> None:
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(self.binary, os.X_OK):
+            raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = Path(tempfile.mkdtemp(prefix="nginx-"))
+        # Started by root (as in CI), nginx's workers run as nobody and need to reach the
+        # temporary folders it creates in here.
+        self.prefix.chmod(0o755)
+        (self.prefix / "logs").mkdir()
+        text = self.CONF.read_text()
+        text = _replace(text, r"listen\s+127\.0\.0\.1:8080", f"listen 127.0.0.1:{self.port}")
+        for default, port in ((5000, app_ports[0]), (5001, app_ports[-1])):
+            text = _replace(text, rf"server\s+127\.0\.0\.1:{default}", f"server 127.0.0.1:{port}")
+        for name, value in (settings or {}).items():
+            text = _replace(text, rf"{name}\s[^;]*", f"{name} {value}")
+        (self.prefix / "nginx.conf").write_text(text)
+        as_user = {}
+        if run_as:  # the prefix is the only place nginx writes to: make it the user's
+            account = pwd.getpwnam(run_as)
+            for path in (self.prefix, self.prefix / "logs", self.prefix / "nginx.conf"):
+                os.chown(path, account.pw_uid, account.pw_gid)
+            as_user = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        # The README's command; the file says `daemon off;`, so this process is the master.
+        # Its own session: if it ever had to be killed, its workers go with it. Once started,
+        # nginx sends its stderr to logs/error.log, so the pipe only carries start-up errors.
+        command = [self.binary, "-p", f"{self.prefix}/", "-c", "nginx.conf", "-e", "logs/error.log"]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            **as_user,
+        )
+        try:
+            wait_until(self._answers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"nginx exited at start: {self.process.stderr.read().decode()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    def error_log(self) -> str:
+        return (self.prefix / "logs" / "error.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: nginx's fast shutdown, workers included
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the group it leads, no other
+                self.process.wait()
+        self.process.stderr.close()
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+def _replace(text: str, pattern: str, replacement: str) -> str:
+    """Replace the one directive that starts a line with `pattern`; fail if it is not there."""
+    text, count = re.subn(rf"^(\s*){pattern}", rf"\g<1>{replacement}", text, flags=re.MULTILINE)
+    assert count == 1, f"deploy/nginx.conf: expected one line matching {pattern!r}, found {count}"
+    return text

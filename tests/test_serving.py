@@ -1,13 +1,6 @@
 """Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the wire."""
 
-import os
-import queue
-import re
-import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import jwt
 import pytest
@@ -15,8 +8,8 @@ import requests
 
 import show_chunks
 from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
+from services import Gunicorn
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
     "stream_server": "/stream",
     "stream_server_multiuser": "/stream/{user}",
@@ -24,50 +17,6 @@ STEPS = {  # module: stream path, where {user} names the user (step 3 reads it f
 }
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn does not run on Windows")
-
-
-class Gunicorn:
-    """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
-
-    def __init__(self, module: str, worker: str) -> None:
-        self.module = module
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
-        command += ["-w", "1", "--threads", "8", "-b", "127.0.0.1:0", f"{module}:app"]
-        # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
-        command += ["--graceful-timeout", "1"]
-        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def wait_for_line(self, pattern: str) -> re.Match:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"gunicorn never logged {pattern!r}:\n{''.join(self.log)}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
 
 
 @pytest.fixture(scope="module", params=["gthread", "gevent"])
