@@ -1,6 +1,9 @@
 """Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the wire."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jwt
 import pytest
@@ -9,6 +12,8 @@ import requests
 import show_chunks
 from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
 from services import Gunicorn
+
+ROOT = Path(__file__).resolve().parent.parent
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
     "stream_server": "/stream",
