@@ -12,6 +12,9 @@ import sys
 bind = "127.0.0.1:5000"
 worker_class = "gthread"
 workers = 2
+# Each worker is a process with its own memory. Step 6 remembers used refresh tokens
+# across workers, hosts and restarts only with REDIS_URL set (the ledger then lives in
+# Redis); without it, reuse is detected within one process only, as each worker logs.
 # gthread: each open stream holds one thread for as long as it runs, so a worker
 # holds at most this many streams at once; the next clients wait in the queue.
 threads = 50

@@ -2,14 +2,17 @@
 
 New since step 3: minting returns two tokens. The access token opens streams and
 lasts a minute; the refresh token lasts an hour and can only buy a new pair, once,
-at POST /refresh_token. A stream stops the moment its access token expires, with
-a last line that says so and where to go on; the client refreshes its tokens and
-resumes with GET /stream?from=N, with no gap and no duplicate. Every line is a
-JSON object that carries its sequence number.
+at POST /refresh_token; the reuse of one revokes its whole login. A stream stops
+the moment its access token expires, with a last line that says so and where to
+go on; the client refreshes its tokens and resumes with GET /stream?from=N, with
+no gap and no duplicate. Every line is a JSON object that carries its sequence number.
 
     export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
     python stream_server_multiuser_refresh.py --cert certs/server.pem --key certs/server.key
     python stream_client_multiuser_refresh.py --url https://localhost:5000 --cacert certs/client.pem
+
+With REDIS_URL set (such as redis://127.0.0.1:6379/0), the used refresh tokens and
+revoked logins are kept in Redis, where every worker and host sees them.
 """
 
 import argparse
@@ -24,8 +27,9 @@ from collections.abc import Iterator
 from time import sleep, time
 
 import jwt
+import redis
 from flask import Flask, Response, abort, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
@@ -37,6 +41,14 @@ MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
 MAX_TOKEN_LENGTH = 1024
+# The JWT header that marks an access token (RFC 9068). Every step that takes tokens
+# requires it, so a token minted for another purpose (a refresh token) opens no stream.
+ACCESS_TOKEN_TYPE = "at+jwt"
+# A refresh token's own mark: no step takes it for an access token, nor an access token for it.
+REFRESH_TOKEN_TYPE = "refresh+jwt"
+# Seconds of clock difference forgiven in exp and iat: a token minted on a host whose
+# clock runs slightly ahead is not "not valid yet" here.
+CLOCK_LEEWAY = 10
 # Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
 USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 REALM = "streams"
@@ -56,22 +68,53 @@ def load_secret_key(required: bool = False) -> bytes:
     return secret.encode()
 
 
-
 class RefreshTokenLedger:
-    """The refresh tokens already used, kept until they expire anyway. One process's memory:
-    several workers or hosts share it instead in Redis (SET id NX with an expiry) or a database."""
+    """The refresh tokens already used and the logins revoked, each kept until it would
+    expire anyway. In this process's memory; with REDIS_URL, in Redis, which every worker
+    and host shares and which outlives a restart of the server."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._used: dict[str, int] = {}  # token id (jti) -> when the token expires
+        self._memory: dict[str, int] = {}  # key -> when it expires
+        self._redis: redis.Redis | None = None
+        self._opened = False
 
-    def use(self, token_id: str, expires: int) -> bool:
-        """Record a use; False if the token was used before."""
+    def open(self, redis_url: str | None) -> None:
+        """Choose where the ledger lives, and say so: at start in __main__; under gunicorn
+        on first use, in the worker, so that no worker shares another's connection."""
+        if redis_url:
+            self._redis = redis.Redis.from_url(redis_url)  # it connects when first used
+            logger.info("REDIS_URL is set: used refresh tokens are kept in Redis")
+        else:
+            # Every process keeps its own: a token used in one worker works once more in
+            # each other worker, and once more after a restart.
+            logger.warning("REDIS_URL is unset: reuse is detected within this process only")
+        self._opened = True
+
+    def _store(self) -> redis.Redis | None:
         with self._lock:
-            self._used = {jti: exp for jti, exp in self._used.items() if exp > time()}
-            if token_id in self._used:
+            if not self._opened:
+                self.open(os.environ.get("REDIS_URL"))
+        return self._redis
+
+    def has(self, key: str) -> bool:
+        """Whether `key` is remembered. (Any RedisError becomes a 503.)"""
+        if (store := self._store()) is not None:
+            return bool(store.exists(key))
+        with self._lock:
+            return self._memory.get(key, 0) > time()
+
+    def add(self, key: str, expires: int) -> bool:
+        """Remember `key` until `expires`; False if it was there already."""
+        if (store := self._store()) is not None:
+            # SET NX EX: stored only if absent, with its expiry, in one atomic step, so
+            # of two workers that try at once, exactly one succeeds.
+            return bool(store.set(key, 1, nx=True, ex=max(1, expires - int(time()))))
+        with self._lock:
+            self._memory = {name: exp for name, exp in self._memory.items() if exp > time()}
+            if key in self._memory:
                 return False
-            self._used[token_id] = expires
+            self._memory[key] = expires
             return True
 
 
@@ -86,31 +129,48 @@ class Unauthenticated(Exception):
         self.description = description
 
 
+def json_object() -> dict:
+    """The request body as a JSON object, or 415 or 400 saying what is wrong."""
+    if not request.is_json:
+        abort(415, "send the body as JSON, with Content-Type: application/json")
+    try:
+        body = request.get_json(silent=True)  # None if it does not parse
+    except RecursionError:  # "[" nested a thousand deep: json gives up with this, not ValueError
+        body = None
+    if not isinstance(body, dict):
+        abort(400, 'the body must be a JSON object such as {"user_id": "User1"}')
+    return body
+
+
 def json_field(name: str) -> str:
     """A string field of the JSON object in the request body, or 400."""
-    body = request.get_json(silent=True) if request.is_json else None
-    value = body.get(name) if isinstance(body, dict) else None
+    value = json_object().get(name)
     if not isinstance(value, str):
-        abort(400, f'send a JSON object with a string "{name}", as application/json')
+        abort(400, f'send a JSON object with a string "{name}"')
     return value
 
 
-def token_pair(user_id: str) -> Response:
-    """A new access token and a new refresh token; the `use` claim tells them apart."""
+def token_pair(user_id: str, family: str) -> Response:
+    """A new access token and a new refresh token; the JWT header's typ tells them apart."""
     now, key = int(time()), app.config["JWT_SECRET_KEY"]
     access, refresh = app.config["ACCESS_LIFETIME"], app.config["REFRESH_LIFETIME"]
     claims = {"sub": user_id, "iat": now}
-    access_claims = {**claims, "exp": now + access, "use": "access"}
-    # jti, a unique id, is what the ledger remembers once the token has been used.
+    access_claims = {**claims, "exp": now + access}
+    # jti, a unique id, is what the ledger remembers once the token has been used;
+    # family, the login the token descends from, is what the reuse of any member revokes.
     refresh_claims = {
         **claims,
         "exp": now + refresh,
-        "use": "refresh",
         "jti": secrets.token_hex(16),
+        "family": family,
     }
     response = jsonify(
-        access_token=jwt.encode(access_claims, key, algorithm="HS256"),
-        refresh_token=jwt.encode(refresh_claims, key, algorithm="HS256"),
+        access_token=jwt.encode(
+            access_claims, key, algorithm="HS256", headers={"typ": ACCESS_TOKEN_TYPE}
+        ),
+        refresh_token=jwt.encode(
+            refresh_claims, key, algorithm="HS256", headers={"typ": REFRESH_TOKEN_TYPE}
+        ),
         token_type="Bearer",
         expires_in=access,
         refresh_expires_in=refresh,
@@ -125,51 +185,61 @@ def generate_token() -> Response:
     user_id = json_field("user_id")
     if not USER_ID.fullmatch(user_id):
         abort(400, "user_id must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots")
-    return token_pair(user_id)
+    # A login starts a new family: every refresh token it leads to carries its id.
+    return token_pair(user_id, family=secrets.token_hex(16))
 
 
-TOKEN_PROBLEMS = {
+TOKEN_PROBLEMS = {  # what went wrong, in words that never quote the token itself
     jwt.ExpiredSignatureError: "the token has expired",
     jwt.ImmatureSignatureError: "the token is not valid yet",
-    jwt.MissingRequiredClaimError: "the token lacks a required claim",
+    jwt.MissingRequiredClaimError: "the token lacks a required claim (sub, iat or exp)",
     jwt.InvalidSignatureError: "the token signature does not match",
     jwt.InvalidAlgorithmError: "the token is not signed with HS256",
 }
-WRONG_USE = {
-    "access": "a refresh token cannot open a stream: refresh it for an access token",
-    "refresh": "only a refresh token can be refreshed",
-}
+WRONG_TYPE = f"not an access token (its JWT header lacks typ {ACCESS_TOKEN_TYPE})"
+NOT_REFRESHABLE = f"not a refresh token (its JWT header lacks typ {REFRESH_TOKEN_TYPE})"
 
 
-def verify(token: str, use: str) -> dict:
-    """The claims of a valid token meant for `use` ("access" or "refresh")."""
+def verify(token: str, typ: str) -> dict:
+    """The claims of a valid token whose JWT header says it is of type `typ`."""
     if len(token) > MAX_TOKEN_LENGTH:
         raise Unauthenticated("the token is too long")
     try:
-        claims = jwt.decode(
+        decoded = jwt.decode_complete(  # the header too, for its typ
             token,
             app.config["JWT_SECRET_KEY"],
             algorithms=["HS256"],
-            options={"require": ["exp", "iat", "sub", "use"]},
+            options={"require": ["exp", "iat", "sub"]},
+            leeway=CLOCK_LEEWAY,
         )
     except jwt.PyJWTError as error:
         problems = [text for kind, text in TOKEN_PROBLEMS.items() if isinstance(error, kind)]
         raise Unauthenticated(problems[0] if problems else "the token is malformed") from None
-    if claims["use"] != use:
-        raise Unauthenticated(WRONG_USE[use])
-    if use == "refresh" and not isinstance(claims.get("jti"), str):
-        raise Unauthenticated("the token is malformed")
-    return claims
+    if decoded["header"].get("typ") != typ:
+        raise Unauthenticated(WRONG_TYPE if typ == ACCESS_TOKEN_TYPE else NOT_REFRESHABLE)
+    return decoded["payload"]
 
 
 @app.post("/refresh_token")
 def refresh_token() -> Response:
-    claims = verify(json_field("refresh_token"), "refresh")
-    # Rotation: each refresh token works once. A thief who copied one can use it at
-    # most once, and then the real client's next refresh fails and shows the theft.
-    if not ledger.use(claims["jti"], claims["exp"]):
-        raise Unauthenticated("this refresh token was already used")
-    return token_pair(claims["sub"])
+    """Trade a refresh token, once, for a new pair of the same login."""
+    claims = verify(json_field("refresh_token"), REFRESH_TOKEN_TYPE)
+    if not all(isinstance(claims.get(name), str) for name in ("jti", "family")):
+        raise Unauthenticated("the token is malformed")
+    revoked = f"refresh:revoked:{claims['family']}"
+    if ledger.has(revoked):
+        raise Unauthenticated("this login was revoked: log in again")
+    # Rotation (RFC 9700, section 4.14.2): each refresh token works once. When a used one
+    # comes back, two parties hold the same login, a thief and its owner, and the server
+    # cannot tell which is which: it revokes the whole family, so the thief's next
+    # refresh fails too, and the owner logs in again. The revocation lasts as long as the
+    # family's newest refresh token could (the leeway also covers a refresh racing this one).
+    if not ledger.add(f"refresh:used:{claims['jti']}", claims["exp"] + CLOCK_LEEWAY):
+        lasts = int(time()) + app.config["REFRESH_LIFETIME"] + CLOCK_LEEWAY
+        ledger.add(revoked, lasts)
+        logger.warning("refresh token reused: revoked the login of %s", claims["sub"])
+        raise Unauthenticated("this refresh token was already used: its login is now revoked")
+    return token_pair(claims["sub"], claims["family"])
 
 
 def line(**fields) -> str:
@@ -214,13 +284,16 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
 
 @app.get("/stream")
 def stream() -> Response:
+    """Lines `from` to `count` for the access token's user, until the token expires."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated()
-    claims = verify(token.strip(), "access")
+    claims = verify(token.strip(), ACCESS_TOKEN_TYPE)
     count = query_number("count", int, 100, 1, MAX_COUNT)
     interval = query_number("interval", float, 0.5, 0, MAX_INTERVAL)
     first = query_number("from", int, 1, 1, MAX_COUNT)
+    if first > count:  # a client that asks for more than there is has lost count: say so
+        abort(400, f"from must be at most count ({count}): there is no line {first}")
     lines = generate_lines(claims["sub"], count, interval, first, claims["exp"])
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(lines, mimetype="application/x-ndjson", headers=headers)
@@ -251,6 +324,13 @@ def error_as_json(error: HTTPException) -> Response:
     return response
 
 
+@app.errorhandler(redis.RedisError)
+def ledger_unavailable(error: redis.RedisError) -> Response:
+    """Redis down: refuse refreshes for now (503) rather than let a used token pass."""
+    logger.warning("the ledger in Redis failed: %s", error)
+    return error_as_json(ServiceUnavailable("refresh tokens cannot be checked now: retry soon"))
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """HTTPS: without it, anyone on the network path can read the bearer tokens."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -278,4 +358,8 @@ if __name__ == "__main__":
     app.config.update(ACCESS_LIFETIME=args.access_lifetime, REFRESH_LIFETIME=args.refresh_lifetime)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     app.config["JWT_SECRET_KEY"] = load_secret_key()
+    try:
+        ledger.open(os.environ.get("REDIS_URL"))
+    except ValueError as error:  # redis-py explains a malformed URL
+        parser.error(f"REDIS_URL: {error}")
     app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)

@@ -3,29 +3,44 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import jwt
 import pytest
+import redis
 import requests
+from flask import Flask, Response, jsonify
+from werkzeug.serving import make_server
 
 import stream_client_multiuser_refresh as refresh_client
 import stream_client_multiuser_secure as secure_client
+import stream_server as step_1_server
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
-from helpers import TEST_KEY, WAIT, bearer, token_for
+import stream_server_websocket as websocket_server
+from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+USED = "this refresh token was already used: its login is now revoked"
+REVOKED = "this login was revoked: log in again"
+NOT_ACCESS = "not an access token (its JWT header lacks typ at+jwt)"
+NOT_REFRESH = "not a refresh token (its JWT header lacks typ refresh+jwt)"
 
 
 @pytest.fixture(autouse=True)
 def test_key_and_fresh_ledger(monkeypatch):
-    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
-    monkeypatch.setitem(secure_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
-    monkeypatch.setattr(server, "ledger", server.RefreshTokenLedger())
+    for step in (server, secure_server, websocket_server):
+        monkeypatch.setitem(step.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    ledger = server.RefreshTokenLedger()
+    ledger.open(None)  # in this process's memory, whatever REDIS_URL says
+    monkeypatch.setattr(server, "ledger", ledger)
 
 
 @pytest.fixture
@@ -53,6 +68,11 @@ def lines(response) -> list[dict]:
     return [json.loads(text) for text in response.text.splitlines()]
 
 
+def refresh_token_for(**changes) -> str:
+    """A forged refresh token: valid unless the arguments say otherwise."""
+    return token_for(**{"typ": "refresh+jwt", "jti": "j" * 32, "family": "f" * 32, **changes})
+
+
 # Tokens
 
 
@@ -65,66 +85,182 @@ def test_minting_returns_an_access_and_a_refresh_token(client):
         60,
         3600,
     )
-    access = jwt.decode(body["access_token"], TEST_KEY, algorithms=["HS256"])
-    refresh_claims = jwt.decode(body["refresh_token"], TEST_KEY, algorithms=["HS256"])
-    assert (access["use"], access["sub"], access["exp"] - access["iat"]) == ("access", "Alice", 60)
-    assert (refresh_claims["use"], refresh_claims["exp"] - refresh_claims["iat"]) == (
-        "refresh",
-        3600,
-    )
-    assert len(refresh_claims["jti"]) == 32
+    access = jwt.decode_complete(body["access_token"], TEST_KEY, algorithms=["HS256"])
+    assert access["header"]["typ"] == "at+jwt"
+    assert set(access["payload"]) == {"sub", "iat", "exp"}
+    assert access["payload"]["exp"] - access["payload"]["iat"] == 60
+    refreshing = jwt.decode_complete(body["refresh_token"], TEST_KEY, algorithms=["HS256"])
+    assert refreshing["header"]["typ"] == "refresh+jwt"
+    claims = refreshing["payload"]
+    assert (claims["sub"], claims["exp"] - claims["iat"]) == ("Alice", 3600)
+    assert len(claims["jti"]) == len(claims["family"]) == 32
 
 
-def test_a_refresh_token_buys_a_new_pair_once(client):
+def test_a_refresh_token_buys_a_new_pair_of_the_same_login_once(client):
     first = pair(client)
     second = refresh(client, first["refresh_token"])
-    assert second.status_code == 200
-    assert second.json["refresh_token"] != first["refresh_token"]
-    assert_refused(refresh(client, first["refresh_token"]), "this refresh token was already used")
-    assert refresh(client, second.json["refresh_token"]).status_code == 200
+    assert second.status_code == 200, second.text
+    family = jwt.decode(first["refresh_token"], TEST_KEY, algorithms=["HS256"])["family"]
+    new_claims = jwt.decode(second.json["refresh_token"], TEST_KEY, algorithms=["HS256"])
+    assert new_claims["family"] == family
+    third = refresh(client, second.json["refresh_token"])
+    assert third.status_code == 200, third.text
+    assert_refused(refresh(client, first["refresh_token"]), USED)
+
+
+@pytest.mark.parametrize("who_refreshes_first", ["owner", "thief"])
+def test_the_reuse_of_a_refresh_token_revokes_its_whole_login(client, who_refreshes_first):
+    # RFC 9700, 4.14.2: the server cannot tell the thief from the owner, so it revokes
+    # every token of the login; whoever refreshed first is refused at the next refresh.
+    stolen = pair(client)["refresh_token"]
+    other_login = pair(client)["refresh_token"]
+    first = refresh(client, stolen)
+    assert first.status_code == 200, first.text
+    assert_refused(refresh(client, stolen), USED)  # the other party, with its copy
+    assert_refused(refresh(client, first.json["refresh_token"]), REVOKED)
+    assert refresh(client, other_login).status_code == 200  # another login is not touched
 
 
 def test_an_access_token_cannot_be_refreshed(client):
-    assert_refused(
-        refresh(client, pair(client)["access_token"]), "only a refresh token can be refreshed"
+    assert_refused(refresh(client, pair(client)["access_token"]), NOT_REFRESH)
+    step_3_token = secure_server.app.test_client().post(
+        "/generate_token", json={"user_id": "Alice"}
     )
+    assert_refused(refresh(client, step_3_token.json["access_token"]), NOT_REFRESH)
+    # Even one that carries every claim a refresh token has: the type decides.
+    assert_refused(refresh(client, refresh_token_for(typ="at+jwt")), NOT_REFRESH)
 
 
-def test_a_refresh_token_cannot_open_a_stream(client):
-    response = client.get("/stream", headers=bearer(pair(client)["refresh_token"]))
-    assert_refused(response, "a refresh token cannot open a stream: refresh it for an access token")
+def test_a_refresh_token_opens_no_stream_on_any_step(client):
+    token = pair(client)["refresh_token"]
+    response = client.get("/stream", headers=bearer(token))
+    assert_refused(response, NOT_ACCESS)
     assert "chunk" not in response.text
+    step_3 = secure_server.app.test_client().get("/stream", headers=bearer(token))
+    assert_refused(step_3, NOT_ACCESS)
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+    upgrade["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+    step_5 = websocket_server.app.test_client().get("/ws", headers={**upgrade, **bearer(token)})
+    assert_refused(step_5, NOT_ACCESS)
+
+
+def test_access_tokens_of_steps_3_and_6_open_each_others_streams(client):
+    # A choice: both are access tokens for the same streams (typ at+jwt, the shared key),
+    # so either step takes either; step 6 still stops the stream when the token expires.
+    step_3 = secure_server.app.test_client()
+    minted = step_3.post("/generate_token", json={"user_id": "Alice"}).json["access_token"]
+    response = client.get("/stream?count=2&interval=0", headers=bearer(minted))
+    assert response.status_code == 200, response.text
+    assert lines(response)[-1] == {"end": "complete"}
+    response = step_3.get(
+        "/stream?count=2&interval=0", headers=bearer(pair(client)["access_token"])
+    )
+    assert response.status_code == 200, response.text
+    assert response.text == "chunk 1 of 2 for Alice\nchunk 2 of 2 for Alice\n"
 
 
 def test_an_expired_refresh_token_is_refused(client):
-    expired = token_for(use="refresh", jti="x" * 32, iat=1, exp=2)
-    assert_refused(refresh(client, expired), "the token has expired")
+    assert_refused(refresh(client, refresh_token_for(iat=1, exp=2)), "the token has expired")
+
+
+def test_a_token_minted_on_a_clock_slightly_ahead_is_taken(client):
+    ahead = int(time.time()) + 5
+    response = refresh(client, refresh_token_for(iat=ahead))
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(
-    "token",
+    ("token", "description"),
     [
-        token_for(use="refresh"),  # no jti
-        token_for(use="refresh", jti="j", key=b"a key of at least thirty-two bytes"),
-        token_for(jti="j"),  # no use
+        (refresh_token_for(jti=None), "the token is malformed"),
+        (refresh_token_for(family=None), "the token is malformed"),
+        (refresh_token_for(family=5), "the token is malformed"),
+        (
+            refresh_token_for(key=b"a key of at least thirty-two bytes"),
+            "the token signature does not match",
+        ),
+        (refresh_token_for(typ=None), NOT_REFRESH),
+        (refresh_token_for(typ="JWT"), NOT_REFRESH),
     ],
 )
-def test_forged_or_incomplete_refresh_tokens_are_refused(client, token):
-    response = refresh(client, token)
-    assert response.status_code == 401
-    assert response.json["error"] == "invalid_token"
+def test_forged_or_incomplete_refresh_tokens_are_refused(client, token, description):
+    assert_refused(refresh(client, token), description)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"json": {}}, {"json": {"refresh_token": 5}}, {"data": "refresh_token=x"}]
+    ("kwargs", "status", "error"),
+    [
+        ({"json": {}}, 400, 'send a JSON object with a string "refresh_token"'),
+        ({"json": {"refresh_token": 5}}, 400, 'send a JSON object with a string "refresh_token"'),
+        (
+            {"data": "[" * 1000, "content_type": "application/json"},
+            400,
+            'the body must be a JSON object such as {"user_id": "User1"}',
+        ),
+        (
+            {"data": "refresh_token=x", "content_type": "application/x-www-form-urlencoded"},
+            415,
+            "send the body as JSON, with Content-Type: application/json",
+        ),
+    ],
 )
-def test_a_bad_refresh_request_gets_400(client, kwargs):
-    response = client.post("/refresh_token", **kwargs)
-    assert response.status_code == 400
-    assert (
-        response.json["error"]
-        == 'send a JSON object with a string "refresh_token", as application/json'
-    )
+@pytest.mark.parametrize("path", ["/refresh_token", "/generate_token"])
+def test_a_bad_token_request_gets_a_clear_error(client, path, kwargs, status, error):
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    if path == "/generate_token" and status == 400 and "json" in kwargs:
+        error = error.replace("refresh_token", "user_id")
+    assert response.json == {"error": error}
+
+
+# The ledger: in this process, or in Redis
+
+
+def test_without_redis_url_the_first_use_says_reuse_is_detected_in_this_process_only(
+    client, monkeypatch, caplog
+):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setattr(server, "ledger", server.RefreshTokenLedger())  # as under gunicorn
+    assert "REDIS_URL" not in caplog.text  # nothing said at import or when made
+    assert refresh(client, pair(client)["refresh_token"]).status_code == 200
+    assert "REDIS_URL is unset: reuse is detected within this process only" in caplog.text
+
+
+@pytest.fixture
+def redis_ledger(monkeypatch, redis_url):
+    ledger = server.RefreshTokenLedger()
+    ledger.open(redis_url)
+    monkeypatch.setattr(server, "ledger", ledger)
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+def test_with_redis_the_ledger_keeps_each_entry_only_until_its_token_expires(client, redis_ledger):
+    tokens = pair(client)
+    claims = jwt.decode(tokens["refresh_token"], TEST_KEY, algorithms=["HS256"])
+    assert refresh(client, tokens["refresh_token"]).status_code == 200
+    assert_refused(refresh(client, tokens["refresh_token"]), USED)
+    used, revoked = f"refresh:used:{claims['jti']}", f"refresh:revoked:{claims['family']}"
+    assert sorted(redis_ledger.keys("refresh:*")) == sorted([used, revoked])
+    # Bounded memory: Redis forgets each entry once no token it guards can be valid.
+    assert 3600 <= redis_ledger.ttl(used) <= 3600 + server.CLOCK_LEEWAY
+    assert 3600 <= redis_ledger.ttl(revoked) <= 3600 + server.CLOCK_LEEWAY
+
+
+def test_with_redis_down_a_refresh_gets_503_and_works_once_it_is_back(
+    client, redis_ledger, redis_server, caplog
+):
+    tokens = pair(client)
+    redis_server.stop()
+    try:
+        response = refresh(client, tokens["refresh_token"])
+        assert response.status_code == 503, response.text
+        assert response.json == {"error": "refresh tokens cannot be checked now: retry soon"}
+        assert "Traceback" not in caplog.text
+    finally:
+        redis_server.start()
+    response = refresh(client, tokens["refresh_token"])
+    assert response.status_code == 200, response.text
+    assert_refused(refresh(client, tokens["refresh_token"]), USED)
 
 
 # Streaming
@@ -169,6 +305,12 @@ def test_from_resumes_at_that_line(client, clock):
     assert client.get("/stream?from=0", headers=bearer(token)).status_code == 400
 
 
+def test_from_past_the_end_gets_400_instead_of_an_empty_stream(client):
+    response = client.get("/stream?count=5&from=6", headers=bearer(pair(client)["access_token"]))
+    assert response.status_code == 400, response.text
+    assert response.json == {"error": "from must be at most count (5): there is no line 6"}
+
+
 def test_a_stream_stops_the_moment_its_token_expires(client, clock):
     token = pair(client)["access_token"]
     expires = jwt.decode(token, TEST_KEY, algorithms=["HS256"])["exp"]
@@ -185,6 +327,7 @@ def test_the_client_gets_every_line_once_across_refreshes_and_a_drop(
     serve, drop_connection, monkeypatch, capsys
 ):
     monkeypatch.setitem(server.app.config, "ACCESS_LIFETIME", 1)
+    monkeypatch.setattr(refresh_client, "FIRST_WAIT", 0.01)
     drop_connection(at_pause=5, real_sleep=True)
     argv = ["--url", serve(server.app), "--user", "Bob", "--count", "30", "--interval", "0.1"]
     assert refresh_client.main(argv) == 0
@@ -200,10 +343,142 @@ def test_the_client_gets_every_line_once_across_refreshes_and_a_drop(
 
 def test_the_client_gives_up_when_the_refresh_is_refused(serve, monkeypatch, capsys):
     monkeypatch.setitem(server.app.config, "ACCESS_LIFETIME", 1)
-    monkeypatch.setitem(server.app.config, "REFRESH_LIFETIME", 1)
+    # Born expired, and by more than the clock leeway: the first refresh is refused.
+    monkeypatch.setitem(server.app.config, "REFRESH_LIFETIME", -60)
     argv = ["--url", serve(server.app), "--count", "50", "--interval", "0.1"]
     assert refresh_client.main(argv) == 1
     assert capsys.readouterr().err.endswith("/refresh_token answered 401: the token has expired\n")
+
+
+def run_server(log: Path, port: int, **env: str) -> subprocess.Popen:
+    """The step 6 script on `port`, its log in a file; back once it listens."""
+    command = [sys.executable, "stream_server_multiuser_refresh.py", "--port", str(port)]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), **env}
+    with log.open("a") as output:  # the child keeps its own copy of the file
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)
+    wait_until(lambda: f"Running on http://127.0.0.1:{port}" in log.read_text())
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(WAIT)
+
+
+def test_the_server_says_at_start_where_it_detects_reuse(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    log = tmp_path / "server.log"
+    stop(run_server(log, free_port()))
+    started = log.read_text()
+    assert "REDIS_URL is unset: reuse is detected within this process only" in started
+    assert started.index("within this process only") < started.index("Running on")
+    # Nothing at import: not a word until the server is started.
+    imported = subprocess.run(
+        [sys.executable, "-c", "import stream_server_multiuser_refresh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert (imported.returncode, imported.stdout, imported.stderr) == (0, "", "")
+
+
+def test_the_client_resumes_with_no_gap_across_a_restart_of_the_server(tmp_path):
+    port, log = free_port(), tmp_path / "server.log"
+    process = run_server(log, port)
+    command = [sys.executable, "-u", "stream_client_multiuser_refresh.py"]
+    command += ["--url", f"http://127.0.0.1:{port}", "--count", "30", "--interval", "0.1"]
+    client = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    output: list[str] = []
+    try:
+        for line in client.stdout:
+            output.append(line)
+            if "chunk 2 of 30" in line:
+                stop(process)  # mid-stream: 28 lines to go
+            if line.startswith("("):  # the client noticed
+                break
+        process = run_server(log, port)  # the same port, the same key
+        output += client.stdout
+        assert client.wait(WAIT) == 0, "".join(output)
+    finally:
+        stop(process)
+        client.kill()
+        client.wait()
+        client.stdout.close()
+    received = [line.split("  ", 1)[1] for line in output if line.startswith("+")]
+    assert received == [f"chunk {n} of 30 for User1\n" for n in range(1, 31)]
+    assert "(the connection was lost: resuming from line " in "".join(output)
+
+
+def test_the_client_gives_up_after_five_tries_with_doubling_pauses(monkeypatch, capsys):
+    waits: list[float] = []
+    fake_time = SimpleNamespace(sleep=waits.append, monotonic=time.monotonic)
+    monkeypatch.setattr(refresh_client, "time", fake_time)
+    http = make_server("127.0.0.1", 0, server.app, threaded=True)
+    threading.Thread(target=http.serve_forever, args=(0.05,), daemon=True).start()
+
+    def go_away(seconds: float) -> None:  # the server stops for good after line 1
+        http.shutdown()
+        http.server_close()
+        raise ConnectionResetError("the server went away")
+
+    monkeypatch.setattr(server, "sleep", go_away)
+    argv = ["--url", f"http://127.0.0.1:{http.server_port}", "--count", "3"]
+    assert refresh_client.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "chunk 1 of 3 for User1" in out
+    assert waits == [1, 2, 4, 8, 16]
+    assert err == "error: the server does not answer, and 5 tries in a row brought nothing\n"
+
+
+class StandIn:
+    """What another server on the port might answer: a pair of tokens, then plain text."""
+
+    app = Flask(__name__)
+
+    @app.post("/generate_token")
+    def generate_token() -> Response:
+        return jsonify(access_token="a", refresh_token="r")
+
+    @app.get("/stream")
+    def stream() -> Response:
+        return Response("chunk 1\n", mimetype="text/plain")
+
+
+@pytest.mark.parametrize(
+    ("app", "seen"),
+    [
+        (step_1_server.app, "POST /generate_token answered 404"),
+        (secure_server.app, "POST /generate_token gave no access and refresh token"),
+        (StandIn.app, "GET /stream sent text/plain"),
+    ],
+    ids=["step 1", "step 3", "another stream"],
+)
+def test_the_client_says_which_server_to_start_when_another_one_answers(serve, capsys, app, seen):
+    url = serve(app)
+    assert refresh_client.main(["--url", url, "--count", "2"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url} is not step 6's server ({seen}): "
+        "start it with python stream_server_multiuser_refresh.py\n"
+    )
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["CA trusted", "CA unknown"])
+def test_an_http_url_to_an_https_server_says_so(serve, tls, capsys, trusted):
+    url = serve(server.app, tls.server_context).replace("https://", "http://")
+    argv = ["--url", url, "--count", "1"] + (["--cacert", tls.ca_file] if trusted else [])
+    assert refresh_client.main(argv) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {url} serves HTTPS only (its server was started with --cert)")
+    assert "is the server running" not in error
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:5000/stream", "ws://127.0.0.1:5000"])
+def test_the_url_is_the_servers_base_url(capsys, url):
+    with pytest.raises(SystemExit) as exited:
+        refresh_client.main(["--url", url])
+    assert exited.value.code == 2
+    assert "give the server's base URL, such as http://127.0.0.1:5000" in capsys.readouterr().err
 
 
 # HTTPS
@@ -289,3 +564,83 @@ def test_a_missing_certificate_stops_the_server_with_a_clear_message(tmp_path):
     assert result.returncode == 2
     assert "cannot use --cert" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Under gunicorn, with the ledger in Redis
+
+
+pytest_mark_gunicorn = pytest.mark.skipif(
+    sys.platform == "win32", reason="gunicorn does not run on Windows"
+)
+
+
+class Gunicorn:
+    """Step 6 under gunicorn.conf.py's two gthread workers, on a free port, with REDIS_URL.
+    (tests/test_serving.py has a general one; this one adds the two workers and Redis.)"""
+
+    def __init__(self, log: Path, redis_url: str) -> None:
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-w", "2"]
+        command += ["-b", "127.0.0.1:0", "--graceful-timeout", "1"]
+        command += ["stream_server_multiuser_refresh:app"]
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": redis_url}
+        log.write_text("")
+        with log.open("a") as output:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+            )
+        self.log = log
+        wait_until(lambda: self.log.read_text().count("Booting worker") == 2)
+        self.url = re.search(r"Listening at: (http://\S+)", log.read_text()).group(1)
+
+    def post(self, path: str, payload: dict) -> requests.Response:
+        # A new connection each time (no session), so that either worker may answer.
+        return requests.post(f"{self.url}{path}", json=payload, timeout=WAIT)
+
+    def login(self) -> str:
+        response = self.post("/generate_token", {"user_id": "Alice"})
+        assert response.status_code == 200, response.text
+        return response.json()["refresh_token"]
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(WAIT)
+
+
+@pytest_mark_gunicorn
+def test_under_gunicorn_a_refresh_token_works_once_across_workers_and_restarts(tmp_path, redis_url):
+    gunicorn = Gunicorn(tmp_path / "first.log", redis_url)
+    try:
+        # Concurrent double use, again and again: exactly one of each pair succeeds.
+        start = threading.Barrier(2)
+
+        def use(token: str) -> int:
+            start.wait(WAIT)
+            return gunicorn.post("/refresh_token", {"refresh_token": token}).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(10):
+                token = gunicorn.login()
+                assert sorted(pool.map(use, [token, token])) == [200, 401]
+        # Sequential reuse: refused every time, whichever worker answers.
+        used = gunicorn.login()
+        renewed = gunicorn.post("/refresh_token", {"refresh_token": used})
+        assert renewed.status_code == 200, renewed.text
+        for _ in range(10):
+            reused = gunicorn.post("/refresh_token", {"refresh_token": used})
+            assert reused.status_code == 401, reused.text
+        unused = gunicorn.login()
+    finally:
+        gunicorn.stop()
+    gunicorn = Gunicorn(tmp_path / "second.log", redis_url)
+    try:
+        # After a restart: the used token, and its revoked login, are still refused.
+        reused = gunicorn.post("/refresh_token", {"refresh_token": used})
+        assert reused.json()["error_description"] == REVOKED
+        renewed = gunicorn.post(
+            "/refresh_token", {"refresh_token": renewed.json()["refresh_token"]}
+        )
+        assert renewed.json()["error_description"] == REVOKED
+        fresh = gunicorn.post("/refresh_token", {"refresh_token": unused})
+        assert fresh.status_code == 200, fresh.text
+    finally:
+        gunicorn.stop()
