@@ -11,6 +11,7 @@ Start the server first (python stream_server_multiuser_secure.py), then:
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -18,8 +19,10 @@ from datetime import datetime, timezone
 
 import jwt
 import requests
+from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+STEP, SERVER = 3, "stream_server_multiuser_secure.py"  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
 # on the whole stream, so it must be longer than the server's longest interval (60 s).
 READ_TIMEOUT = 70.0
@@ -29,40 +32,58 @@ class StreamError(Exception):
     """Something went wrong that the user should read as one line, not a traceback."""
 
 
+def start_it(problem: str) -> StreamError:
+    """A StreamError for a missing or wrong server, saying which one this step needs."""
+    return StreamError(f"{problem} Start it with: python {SERVER}")
+
+
+def base_url(url: str) -> str:
+    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
+    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
+        return url.rstrip("/")
+    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
+
+
 def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
-    if isinstance(error, requests.exceptions.SSLError):
-        return StreamError(
-            f"cannot verify the certificate of {url}: "
-            "if a local CA signed it, pass that CA's certificate with --cacert"
-        )
-    return StreamError(
-        f"cannot connect to {url}: is the server running? "
-        "Start it with: python stream_server_multiuser_secure.py"
-    )
+    """Say why no answer came: no server, HTTP and HTTPS mixed up, or a certificate not trusted."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(error):  # HTTPS, from a CA this client does not know
+        return StreamError(f"cannot verify the certificate of {url}: pass its CA with --cacert")
+    if isinstance(error, requests.exceptions.SSLError):  # HTTPS, answered by something else
+        return StreamError(f"{url} speaks plain HTTP (started without --cert?): use http://")
+    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
+        return StreamError(f"{url} speaks HTTPS (started with --cert?): use https:// with --cacert")
+    return start_it(f"cannot connect to {url}: is the server running?")
 
 
-def check_status(response: requests.Response) -> None:
-    """Turn an HTTP error status into a StreamError carrying the server's own message."""
-    if response.ok:
+def check_status(response: requests.Response, content_type: str) -> None:
+    """Let this step's answer through; make anything else a StreamError that says what it is."""
+    status, kind = response.status_code, response.headers.get("Content-Type", "")
+    if response.ok and kind.startswith(content_type):
         return
+    # This step's server refuses bad input with a 400 and a bad token with a 401 (a 5xx: it
+    # failed, or a proxy did). Any other answer is another server's: a 404, another type.
+    if status not in (400, 401) and status < 500:
+        answer = f"{status} {kind}" if response.ok else status
+        url = response.url.partition("?")[0]
+        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
     try:
         body = response.json()
         message = body.get("error_description") or body["error"]  # a 401 explains itself
     except (ValueError, KeyError, TypeError, AttributeError):
         message = response.reason
-    raise StreamError(f"server answered {response.status_code}: {message}")
+    raise StreamError(f"server answered {status}: {message}")
 
 
-def mint_token(base_url: str, user: str, verify: str | bool) -> str:
+def mint_token(base: str, user: str, verify: str | bool) -> str:
     """Ask the server for a token, as the README's curl command does."""
-    url = f"{base_url}/generate_token"
+    url = f"{base}/generate_token"
     try:
         response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10), verify=verify)
     except requests.ConnectionError as error:
         raise cannot_connect(url, error) from None
     except requests.RequestException as error:  # a malformed URL, for one
         raise StreamError(str(error)) from None
-    check_status(response)
+    check_status(response, "application/json")
     return response.json()["access_token"]
 
 
@@ -78,7 +99,10 @@ def show_claims(token: str) -> None:
     print(f"token claims (not verified here): {json.dumps(claims)}")
     if isinstance(claims.get("exp"), int):
         expires = datetime.fromtimestamp(claims["exp"], timezone.utc)
-        print(f"token expires at {expires:%H:%M:%S} UTC")
+        if expires > datetime.now(timezone.utc):
+            print(f"token expires at {expires:%H:%M:%S} UTC")
+        else:  # sent all the same: the server decides (it allows a few seconds of clock skew)
+            print(f"token has expired (at {expires:%Y-%m-%d %H:%M:%S} UTC)")
 
 
 def stream_chunks(
@@ -93,7 +117,7 @@ def stream_chunks(
     try:
         with requests.get(url, params=params, headers=headers, **options) as r:
             connected = True
-            check_status(r)
+            check_status(r, "text/plain")
             yield from r.iter_content(chunk_size=None, decode_unicode=True)
     except requests.exceptions.ChunkedEncodingError:
         raise StreamError("the stream was cut off before its end") from None
@@ -122,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     verify = args.cacert or True
 
     try:
-        token = args.token or mint_token(args.url, args.user, verify)
+        base = base_url(args.url)
+        token = args.token or mint_token(base, args.user, verify)
         show_claims(token)
         started = time.monotonic()
         chunks = size = 0
-        for chunk in stream_chunks(f"{args.url}/stream", token, args.count, args.interval, verify):
+        for chunk in stream_chunks(f"{base}/stream", token, args.count, args.interval, verify):
             chunks += 1
             size += len(chunk.encode())
             print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import requests
+from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+STEP, SERVER = 4, "stream_server_sse.py"  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
 LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
@@ -73,14 +75,41 @@ class StreamError(Exception):
     """Something went wrong that the user should read as one line, not a traceback."""
 
 
-def check_status(response: requests.Response) -> None:
-    if response.ok:
+def start_it(problem: str) -> StreamError:
+    """A StreamError for a missing or wrong server, saying which one this step needs."""
+    return StreamError(f"{problem} Start it with: python {SERVER}")
+
+
+def base_url(url: str) -> str:
+    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
+    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
+        return url.rstrip("/")
+    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
+
+
+def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
+    """Say why no answer came: nothing listening, or a server that speaks no plain HTTP."""
+    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
+        return start_it(f"{url} gave no HTTP answer: it is not step {STEP}'s server.")
+    return start_it(f"cannot connect to {url}: is the server running?")
+
+
+def check_status(response: requests.Response, content_type: str) -> None:
+    """Let this step's answer through; make anything else a StreamError that says what it is."""
+    status, kind = response.status_code, response.headers.get("Content-Type", "")
+    if response.ok and kind.startswith(content_type):
         return
+    # This step's server refuses bad input with a 400 (a 5xx: it failed, or a proxy did). Any
+    # other answer is another server's, often another step's: a 404, a 401, another type.
+    if status != 400 and status < 500:
+        answer = f"{status} {kind}" if response.ok else status
+        url = response.url.partition("?")[0]
+        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
     try:
         message = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         message = response.reason
-    raise StreamError(f"server answered {response.status_code}: {message}")
+    raise StreamError(f"server answered {status}: {message}")
 
 
 def follow(url: str, params: dict) -> Iterator[Event]:
@@ -94,7 +123,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
             with requests.get(
                 url, params, headers=headers, stream=True, timeout=(3.05, READ_TIMEOUT)
             ) as r:
-                check_status(r)
+                check_status(r, "text/event-stream")
                 for text in r.iter_content(chunk_size=None, decode_unicode=True):
                     for event in parser.feed(text):
                         failures = 0  # only a connection that brings events counts as working
@@ -104,10 +133,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
             problem = "the server closed the stream before its end"
         except requests.RequestException as error:
             if not parser.last_id and isinstance(error, requests.ConnectionError):
-                raise StreamError(
-                    f"cannot connect to {url}: is the server running? "
-                    "Start it with: python stream_server_sse.py"
-                ) from None
+                raise cannot_connect(url, error) from None
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:
@@ -126,16 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", action="store_true", help="stream a text word by word")
     args = parser.parse_args(argv)
 
-    if args.tokens:
-        url, params = f"{args.url}/tokens", {"interval": 0.15}
-    else:
-        url, params = (
-            f"{args.url}/events/{args.user}",
-            {"count": args.count, "interval": args.interval},
-        )
+    path = "tokens" if args.tokens else f"events/{args.user}"
+    params = {"interval": 0.15} if args.tokens else {"count": args.count, "interval": args.interval}
     started = time.monotonic()
     try:
-        for event in follow(url, params):
+        for event in follow(f"{base_url(args.url)}/{path}", params):
             elapsed = f"+{time.monotonic() - started:.2f}s"
             if event.type == "token":
                 print(event.data, end="", flush=True)  # words join into the text as they come

@@ -4,11 +4,14 @@ import re
 import tracemalloc
 
 import pytest
+from flask import Flask
 
 import show_chunks
 import stream_client
 import stream_server as server
-from helpers import chunked, free_port, raw_get
+import stream_server_multiuser_secure as secure_server
+import stream_server_sse as sse_server
+from helpers import TEST_KEY, chunked, free_port, raw_get
 
 CHUNK_LINE = re.compile(r"\+\d+\.\d\ds  chunk (\d+) of (\d+)")
 
@@ -149,7 +152,7 @@ def test_the_first_chunk_is_on_the_wire_before_the_second_exists(serve, gated):
 
 
 def test_client_prints_each_chunk_and_a_summary(serve, capsys):
-    url = serve(server.app) + "/stream"
+    url = serve(server.app)  # --url is the server's base URL, as in every step
     assert stream_client.main(["--url", url, "--count", "3", "--interval", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [CHUNK_LINE.fullmatch(line).groups() for line in lines[:3]] == [
@@ -160,18 +163,82 @@ def test_client_prints_each_chunk_and_a_summary(serve, capsys):
     assert re.fullmatch(r"done: 3 chunks, 39 bytes in \d+\.\d\ds", lines[3])
 
 
+def test_a_trailing_slash_on_the_url_is_dropped(serve, capsys):
+    assert stream_client.main(["--url", serve(server.app) + "/", "--count", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: 2 chunks")
+
+
+@pytest.mark.parametrize("path", ["/stream", "/stream?count=2", "/anything/"])
+def test_a_url_with_a_path_gets_one_line_saying_so(serve, capsys, path):
+    url = serve(server.app) + path
+    assert stream_client.main(["--url", url, "--count", "2"]) == 1
+    assert capsys.readouterr() == (
+        "",
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        f"not {url}\n",
+    )
+
+
+@pytest.mark.parametrize("url", ["ws://127.0.0.1:5000", "localhost:5000", "127.0.0.1:5000"])
+def test_a_url_that_is_not_http_gets_one_line_saying_so(capsys, url):
+    assert stream_client.main(["--url", url]) == 1
+    assert capsys.readouterr().err == (
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        f"not {url}\n"
+    )
+
+
+def page() -> Flask:
+    """Some other web app, which answers /stream with a page."""
+    app = Flask("some_other_app")
+    app.get("/stream")(lambda: "<p>not a stream</p>")
+    return app
+
+
+@pytest.mark.parametrize(
+    ("other", "answer"),
+    [
+        (sse_server.app, "404"),  # another step's server, still running on the port
+        (secure_server.app, "401"),
+        (page(), "200 text/html; charset=utf-8"),
+    ],
+    ids=["step 4", "step 3", "a page"],
+)
+def test_client_says_which_server_to_start_when_another_answers(
+    serve, monkeypatch, capsys, other, answer
+):
+    monkeypatch.setitem(secure_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    url = serve(other)
+    assert stream_client.main(["--url", url, "--count", "2"]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: {url}/stream answered {answer}: it is not step 1's server. "
+        "Start it with: python stream_server.py\n",
+    )
+
+
+def test_client_says_which_server_to_start_when_an_https_one_answers(serve, tls, capsys):
+    # Step 3's server started with --cert: it closes a plain HTTP connection unanswered.
+    url = serve(secure_server.app, tls.server_context).replace("https://", "http://")
+    assert stream_client.main(["--url", url]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url}/stream gave no HTTP answer: it is not step 1's server. "
+        "Start it with: python stream_server.py\n"
+    )
+
+
 def test_client_says_when_the_server_is_not_running(capsys):
-    url = f"http://127.0.0.1:{free_port()}/stream"
+    url = f"http://127.0.0.1:{free_port()}"
     assert stream_client.main(["--url", url]) == 1
     error = capsys.readouterr().err
     assert error == (
-        f"error: cannot connect to {url}: is the server running? "
+        f"error: cannot connect to {url}/stream: is the server running? "
         "Start it with: python stream_server.py\n"
     )
 
 
 def test_client_prints_the_servers_error(serve, capsys):
-    url = serve(server.app) + "/stream"
+    url = serve(server.app)
     assert stream_client.main(["--url", url, "--count", "0"]) == 1
     assert capsys.readouterr().err == (
         "error: server answered 400: count must be a whole number from 1 to 1000000, got '0'\n"
@@ -180,7 +247,7 @@ def test_client_prints_the_servers_error(serve, capsys):
 
 def test_client_reports_a_stream_cut_off_midway(serve, drop_connection, capsys):
     drop_connection(at_pause=1)
-    url = serve(server.app) + "/stream"
+    url = serve(server.app)
     assert stream_client.main(["--url", url, "--count", "3"]) == 1
     captured = capsys.readouterr()
     assert "chunk 1 of 3" in captured.out
@@ -188,16 +255,10 @@ def test_client_reports_a_stream_cut_off_midway(serve, drop_connection, capsys):
 
 
 def test_client_gives_up_when_the_server_goes_silent(serve, gated):
-    url = serve(server.app) + "/stream"
-    chunks = stream_client.stream_chunks(url, count=2, interval=5, read_timeout=0.2)
+    chunks = stream_client.stream_chunks(serve(server.app), count=2, interval=5, read_timeout=0.2)
     assert next(chunks) == "chunk 1 of 2\n"
     with pytest.raises(stream_client.StreamError, match=r"sent nothing for 0\.2s"):
         next(chunks)
-
-
-def test_client_rejects_a_malformed_url(capsys):
-    assert stream_client.main(["--url", "localhost:5000/stream"]) == 1
-    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_client_exits_quietly_on_ctrl_c(monkeypatch, capsys):

@@ -10,6 +10,7 @@ import requests
 
 import show_chunks
 import stream_client_multiuser
+import stream_server
 import stream_server_multiuser as server
 from helpers import WAIT, chunked, free_port, raw_get, wait_until
 
@@ -152,12 +153,34 @@ def test_client_reports_each_users_error(serve, capsys):
     )
 
 
-def test_client_says_when_the_server_is_not_running(capsys):
+def test_client_says_once_when_the_server_is_not_running(capsys):
     url = f"http://127.0.0.1:{free_port()}"
-    assert stream_client_multiuser.main(["--url", url, "Solo"]) == 1
+    assert stream_client_multiuser.main(["--url", url]) == 1  # three users
     assert capsys.readouterr().err == (
-        f"error: [Solo] cannot connect to {url}/stream/Solo: is the server running? "
+        f"error: cannot connect to {url}/status: is the server running? "
         "Start it with: python stream_server_multiuser.py\n"
+    )
+
+
+def test_client_says_once_which_server_to_start_when_another_step_answers(serve, capsys):
+    url = serve(stream_server.app)  # step 1's server, still running on the port
+    assert stream_client_multiuser.main(["--url", url, "--count", "2"]) == 1  # three users
+    assert capsys.readouterr() == (
+        "",
+        f"error: {url}/status answered 404: it is not step 2's server. "
+        "Start it with: python stream_server_multiuser.py\n",
+    )
+
+
+def test_the_url_is_the_servers_base_url(serve, capsys):
+    url = serve(server.app)
+    assert stream_client_multiuser.main(["--url", url + "/", "--count", "1", "Al"]) == 0
+    assert "[Al] " in capsys.readouterr().out
+    assert stream_client_multiuser.main(["--url", url + "/stream", "Al"]) == 1
+    assert capsys.readouterr() == (
+        "",
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        f"not {url}/stream\n",
     )
 
 

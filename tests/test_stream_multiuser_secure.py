@@ -15,6 +15,7 @@ import pytest
 
 import show_chunks
 import stream_client_multiuser_secure as secure_client
+import stream_server
 import stream_server_multiuser_refresh as refresh_server
 import stream_server_multiuser_secure as server
 from helpers import TEST_KEY, WAIT, bearer, free_port, token_for
@@ -310,6 +311,15 @@ def test_client_prints_the_401_description(serve, capsys, token, message):
     assert capsys.readouterr().err == f"error: server answered 401: {message}\n"
 
 
+def test_client_says_that_an_expired_token_has_expired(serve, capsys):
+    token = token_for(iat=NOW - 120, exp=NOW - 60)
+    assert secure_client.main(["--url", serve(server.app), "--token", token]) == 1
+    out, err = capsys.readouterr()
+    expired = datetime.fromtimestamp(NOW - 60, timezone.utc)
+    assert out.splitlines()[1] == f"token has expired (at {expired:%Y-%m-%d %H:%M:%S} UTC)"
+    assert err == "error: server answered 401: the token has expired\n"
+
+
 def test_client_rejects_a_token_that_is_no_jwt(capsys):
     assert secure_client.main(["--token", "hello"]) == 1
     assert capsys.readouterr().err == "error: that is not a JWT (Not enough segments)\n"
@@ -326,6 +336,62 @@ def test_client_says_when_the_server_is_not_running(capsys):
     assert capsys.readouterr().err == (
         f"error: cannot connect to {url}/generate_token: is the server running? "
         "Start it with: python stream_server_multiuser_secure.py\n"
+    )
+
+
+@pytest.mark.parametrize("path", ["/stream", "/generate_token/"])
+def test_a_url_with_a_path_gets_one_line_saying_so(serve, capsys, path):
+    url = serve(server.app) + path
+    assert secure_client.main(["--url", url]) == 1
+    assert capsys.readouterr() == (
+        "",
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        f"not {url}\n",
+    )
+
+
+def test_a_websocket_url_gets_one_line_saying_so(capsys):
+    assert secure_client.main(["--url", "ws://127.0.0.1:5000"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        "not ws://127.0.0.1:5000\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("other", "path", "answer"),
+    [
+        (stream_server.app, "/generate_token", "404"),  # step 1's server, still running
+        (refresh_server.app, "/stream", "200 application/x-ndjson"),  # step 6's mints too
+    ],
+    ids=["step 1", "step 6"],
+)
+def test_client_says_which_server_to_start_when_another_answers(
+    serve, monkeypatch, capsys, other, path, answer
+):
+    monkeypatch.setitem(refresh_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    url = serve(other)
+    assert secure_client.main(["--url", url, "--count", "1"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url}{path} answered {answer}: it is not step 3's server. "
+        "Start it with: python stream_server_multiuser_secure.py\n"
+    )
+
+
+def test_an_http_url_to_an_https_server_says_it_speaks_https(serve, tls, capsys):
+    url = serve(server.app, tls.server_context).replace("https://", "http://")
+    assert secure_client.main(["--url", url, "--cacert", tls.ca_file]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url}/generate_token speaks HTTPS (started with --cert?): "
+        "use https:// with --cacert\n"
+    )
+
+
+def test_an_https_url_to_an_http_server_says_it_speaks_plain_http(serve, tls, capsys):
+    url = serve(server.app).replace("http://", "https://")
+    assert secure_client.main(["--url", url, "--cacert", tls.ca_file]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url}/generate_token speaks plain HTTP (started without --cert?): use http://\n"
     )
 
 

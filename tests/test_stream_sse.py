@@ -3,8 +3,10 @@
 import itertools
 
 import pytest
+from flask import Flask
 
 import stream_client_sse as sse_client
+import stream_server_multiuser
 import stream_server_sse as server
 from helpers import free_port
 from stream_client_sse import Event, SSEParser
@@ -189,4 +191,38 @@ def test_client_reports_bad_input_and_a_missing_server(serve, capsys):
     assert capsys.readouterr().err == (
         f"error: cannot connect to {url}/events/User1: is the server running? "
         "Start it with: python stream_server_sse.py\n"
+    )
+
+
+def page() -> Flask:
+    """Some other web app, which answers every path with a page."""
+    app = Flask("some_other_app")
+    app.get("/<path:anything>")(lambda anything: "<p>not a stream</p>")
+    return app
+
+
+@pytest.mark.parametrize(
+    ("other", "answer"),
+    [(stream_server_multiuser.app, "404"), (page(), "200 text/html; charset=utf-8")],
+    ids=["step 2", "a page"],
+)
+def test_client_says_which_server_to_start_when_another_answers(serve, capsys, other, answer):
+    url = serve(other)
+    assert sse_client.main(["--url", url]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: {url}/events/User1 answered {answer}: it is not step 4's server. "
+        "Start it with: python stream_server_sse.py\n",
+    )
+
+
+def test_the_url_is_the_servers_base_url(serve, pauses, capsys):
+    url = serve(server.app)
+    assert sse_client.main(["--url", url + "/", "--count", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("end: end of stream")
+    assert sse_client.main(["--url", url + "/events/User1"]) == 1
+    assert capsys.readouterr() == (
+        "",
+        "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
+        f"not {url}/events/User1\n",
     )
