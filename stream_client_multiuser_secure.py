@@ -25,6 +25,7 @@ DEFAULT_URL = "http://127.0.0.1:5000"
 STEP, SERVER = 3, "stream_server_multiuser_secure.py"  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
 # on the whole stream, so it must be longer than the server's longest interval (60 s).
+LAST_DATE = datetime(9999, 12, 31, tzinfo=timezone.utc)
 READ_TIMEOUT = 70.0
 
 
@@ -97,7 +98,8 @@ def show_claims(token: str) -> None:
     except jwt.DecodeError as error:
         raise StreamError(f"that is not a JWT ({error})") from None
     print(f"token claims (not verified here): {json.dumps(claims)}")
-    if isinstance(claims.get("exp"), int):
+    # A hand-made token may carry any number: past the year 9999 there is no date to print.
+    if isinstance(claims.get("exp"), int) and 0 <= claims["exp"] < LAST_DATE.timestamp():
         expires = datetime.fromtimestamp(claims["exp"], timezone.utc)
         if expires > datetime.now(timezone.utc):
             print(f"token expires at {expires:%H:%M:%S} UTC")

@@ -299,6 +299,14 @@ def test_client_streams_with_a_token_minted_elsewhere(serve, capsys):
     assert "chunk 1 of 1 for Bob" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("exp", [10**20, -(10**20)])
+def test_client_shows_a_token_whose_exp_is_no_date_without_a_traceback(serve, capsys, exp):
+    token = token_for("Bob", exp=exp)
+    argv = ["--url", serve(server.app), "--token", token, "--count", "1"]
+    secure_client.main(argv)
+    assert "token claims (not verified here)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("token", "message"),
     [
