@@ -5,22 +5,27 @@ while the chunks arrive: pause, resume, interval 0.2, stop.
 
     python stream_client_websocket.py
     python stream_client_websocket.py --commands pause resume "interval 0.1" stop
+    python stream_client_websocket.py --url https://localhost:5000 --cacert certs/client.pem
 """
 
 import argparse
 import json
+import os
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Iterable
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
+import urllib3
 import websocket
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 READ_TIMEOUT = 70.0  # longer than the longest interval the server allows (60 s)
 print_lock = threading.Lock()  # two threads print: the reader and the command sender
+COMMANDS = "pause, resume, interval <seconds>, stop"
 
 
 class StreamError(Exception):
@@ -41,34 +46,87 @@ def server_message(body: bytes | str | None, fallback: str) -> str:
         return fallback
 
 
-def mint_token(base_url: str, user: str) -> str:
+def cannot_connect(base_url: str, refused: bool) -> StreamError:
+    """Say why the server could not be reached, as far as the client can tell."""
+    if not refused and base_url.startswith("http://"):
+        # The server took the connection and dropped it unanswered: what one started
+        # with --cert does with plain HTTP, since it speaks HTTPS only.
+        https = base_url.replace("http", "https", 1)
+        return StreamError(
+            f"{base_url} closed the connection without answering: if the server was "
+            f"started with --cert, it speaks HTTPS only: use --url {https}"
+        )
+    return StreamError(
+        f"cannot connect to {base_url}: is the server running? "
+        "Start it with: python stream_server_websocket.py"
+    )
+
+
+def cannot_verify(base_url: str) -> StreamError:
+    return StreamError(
+        f"cannot verify the certificate of {base_url}: "
+        "if a local CA signed it, pass that CA's certificate with --cacert"
+    )
+
+
+def not_step_5(base_url: str, answer: str) -> StreamError:
+    """Another server answers there, such as an earlier step's still running on the port."""
+    return StreamError(
+        f"{base_url} is not step 5's server ({answer}): "
+        "start it with python stream_server_websocket.py"
+    )
+
+
+def mint_token(base_url: str, user: str, verify: str | bool) -> str:
     """Ask the server for a token, as in step 3."""
+    url = f"{base_url}/generate_token"
     try:
-        response = requests.post(f"{base_url}/generate_token", json={"user_id": user}, timeout=10)
+        response = requests.post(url, json={"user_id": user}, timeout=10, verify=verify)
+    except requests.exceptions.SSLError:
+        raise cannot_verify(base_url) from None
+    except requests.ConnectionError as error:
+        # Refused, or taken and then dropped (urllib3 reports that as a ProtocolError).
+        dropped = isinstance(error.args[0], urllib3.exceptions.ProtocolError)
+        raise cannot_connect(base_url, refused=not dropped) from None
     except requests.RequestException:
-        raise StreamError(
-            f"cannot connect to {base_url}: is the server running? "
-            "Start it with: python stream_server_websocket.py"
-        ) from None
+        raise cannot_connect(base_url, refused=True) from None
+    if response.status_code in (404, 405):  # no such route: another step's server
+        raise not_step_5(base_url, f"POST /generate_token answered {response.status_code}")
     if not response.ok:
         message = server_message(response.content, response.reason)
         raise StreamError(f"server answered {response.status_code}: {message}")
-    return response.json()["access_token"]
+    try:
+        return response.json()["access_token"]
+    except (ValueError, KeyError, TypeError):
+        raise not_step_5(base_url, "POST /generate_token answered with no token") from None
 
 
-def connect(base_url: str, token: str, count: int, interval: float) -> websocket.WebSocket:
+def connect(
+    base_url: str, token: str, count: int, interval: float, cacert: str | None
+) -> websocket.WebSocket:
     """Open the WebSocket, showing the token on the handshake (an ordinary HTTP request)."""
     query = urlencode({"count": count, "interval": interval})
     url = f"{base_url.replace('http', 'ws', 1)}/ws?{query}"  # http:// -> ws://, https:// -> wss://
     try:
         return websocket.create_connection(
-            url, header=[f"Authorization: Bearer {token}"], timeout=READ_TIMEOUT
+            url,
+            header=[f"Authorization: Bearer {token}"],
+            timeout=READ_TIMEOUT,
+            sslopt={"ca_certs": cacert} if cacert else {},  # without: the system's CAs
         )
     except websocket.WebSocketBadStatusException as error:  # refused before the upgrade
+        if error.status_code in (404, 405) or error.status_code < 400:  # no upgrade, no refusal
+            raise not_step_5(base_url, f"GET /ws answered {error.status_code}") from None
         message = server_message(error.resp_body, str(error))
         raise StreamError(
             f"server refused the connection ({error.status_code}): {message}"
         ) from None
+    except ssl.SSLCertVerificationError:
+        raise cannot_verify(base_url) from None
+    except ConnectionRefusedError:
+        raise cannot_connect(base_url, refused=True) from None
+    except (ConnectionError, websocket.WebSocketConnectionClosedException):  # taken, dropped
+        raise cannot_connect(base_url, refused=False) from None
     except (OSError, websocket.WebSocketException) as error:
         raise StreamError(f"cannot open {url}: {error}") from None
 
@@ -106,7 +164,7 @@ def describe(message: dict) -> str:
     if kind == "chunk":
         return message["text"]
     if kind == "ack":
-        state = "paused" if message["paused"] else "running"
+        state = "stopping" if message["stopped"] else "paused" if message["paused"] else "running"
         return f"ack {message['command']}: {state}, interval {message['interval']}s"
     if kind == "end":
         return f"end: {message['sent']} chunks sent"
@@ -115,21 +173,40 @@ def describe(message: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stream over a WebSocket and steer it.")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default: {DEFAULT_URL})")
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"the server's base URL (default: {DEFAULT_URL})"
+    )
     parser.add_argument("--user", default="User1", help="user to mint a token for")
     parser.add_argument("--token", help="use this token instead of minting one")
     parser.add_argument("--count", type=int, default=20, help="chunks to ask for")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
     parser.add_argument("--commands", nargs="*", help="send these instead of reading the keyboard")
     parser.add_argument("--every", type=float, default=1.5, help="seconds between --commands")
+    parser.add_argument("--cacert", help="trust certificates signed by this CA (PEM file)")
     args = parser.parse_args(argv)
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.netloc or url.path.strip("/") or url.query:
+        # Not ws://...: the client makes the WebSocket URL, ws://host:port/ws, itself.
+        parser.error(
+            f"--url is the server's base URL, such as {DEFAULT_URL} (https:// for a server "
+            f"started with --cert), not {args.url}: the client opens /ws itself"
+        )
+    if args.cacert and not os.path.isfile(args.cacert):
+        parser.error(f"--cacert {args.cacert}: no such file")
+    # Certificates are always checked: with --cacert, against that CA; without, against the
+    # system's. Never verify=False: it accepts any certificate, so anyone on the path could
+    # pose as the server and collect the token.
+    verify = args.cacert or True
+    base_url = args.url.rstrip("/")
 
     try:
-        token = args.token or mint_token(args.url, args.user)
-        ws = connect(args.url, token, args.count, args.interval)
+        token = args.token or mint_token(base_url, args.user, verify)
+        ws = connect(base_url, token, args.count, args.interval, args.cacert)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if args.commands is None:
+        print(f"type a command and Enter while the chunks arrive: {COMMANDS}", flush=True)
     started = time.monotonic()
     lines, every = (args.commands, args.every) if args.commands is not None else (sys.stdin, 0)
     threading.Thread(target=send_commands, args=(ws, lines, every, started), daemon=True).start()

@@ -10,6 +10,9 @@ connection becomes a WebSocket, so a refusal is a plain HTTP 401.
     export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
     python stream_server_websocket.py
     python stream_client_websocket.py             # type pause, resume, interval 0.2, stop
+
+Over plain HTTP anyone on the network path can read the tokens: with --cert and
+--key it serves HTTPS only (the README shows how to make a local certificate).
 """
 
 import argparse
@@ -18,6 +21,11 @@ import logging
 import os
 import re
 import secrets
+import select
+import socket
+import ssl
+from collections import deque
+from contextlib import suppress
 from time import monotonic, time
 
 import jwt
@@ -26,11 +34,12 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
+from wsproto.utilities import RemoteProtocolError
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
-app.config["MAX_CONTENT_LENGTH"] = 1024
-app.config["TOKEN_LIFETIME"] = 15 * 60
+app.config["MAX_CONTENT_LENGTH"] = 1024  # a token request is tiny; a bigger body gets 413
+app.config["TOKEN_LIFETIME"] = 15 * 60  # seconds
 # A ping every 25 s notices a client that vanished without closing, even while
 # the stream is paused and nothing else is sent; messages over 4 KB close it.
 app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": 4096}
@@ -49,6 +58,10 @@ CLOCK_LEEWAY = 10
 # Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
 USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 REALM = "streams"
+# A person types a command every second or two, a script sends a few a second. Twenty
+# within one second, or twenty waiting while the client reads none of the answers, is a
+# flood: the connection is closed with 1008 (policy violation) before it costs memory.
+MAX_COMMANDS = 20
 
 
 def load_secret_key(required: bool = False) -> bytes:
@@ -65,13 +78,12 @@ def load_secret_key(required: bool = False) -> bytes:
     return secret.encode()
 
 
-
 class Unauthenticated(Exception):
     """No usable credentials: answered with 401 and a Bearer challenge (RFC 6750)."""
 
     def __init__(self, description: str | None = None) -> None:
         super().__init__(description)
-        self.description = description
+        self.description = description  # None when no token was sent at all
 
 
 def authenticate(body: dict) -> str:
@@ -184,7 +196,7 @@ def obey(message: str | bytes, state: dict) -> dict:
     try:
         command = json.loads(message)
         name = command["command"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: "[" nested deep
         return {"type": "error", "error": 'send JSON such as {"command": "pause"}'}
     if name == "pause":
         state["paused"] = True
@@ -207,10 +219,66 @@ def obey(message: str | bytes, state: dict) -> dict:
     return {"type": "ack", "command": name, **state}
 
 
+class Flooding(Exception):
+    """The client sent commands faster than MAX_COMMANDS allows."""
+
+
+class Channel:
+    """One client's WebSocket: its commands read as they arrive, messages sent when it has room."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.arrivals: deque[float] = deque(maxlen=MAX_COMMANDS)  # when the last ones came
+        self.waiting: deque = deque()  # commands that came while a message waited for room
+
+    def receive(self, timeout: float | None) -> str | bytes | None:
+        """The next command, or None if none came within `timeout` seconds (None: no limit)."""
+        return self.waiting.popleft() if self.waiting else self._take(timeout)
+
+    def _take(self, timeout: float | None) -> str | bytes | None:
+        message = self.ws.receive(timeout=timeout)
+        if message is not None:
+            self.arrivals.append(monotonic())
+            if len(self.arrivals) == MAX_COMMANDS and self.arrivals[-1] - self.arrivals[0] < 1:
+                raise Flooding()
+        return message
+
+    def send(self, message: dict) -> None:
+        """Send one message as soon as the client has room for it."""
+        # A client that reads nothing fills the socket's buffers, and ws.send() would block;
+        # meanwhile simple-websocket's own thread queues every message that arrives, with no
+        # limit and no option to set one. So wait for room here (looking again every 50 ms),
+        # taking the commands off that queue as they arrive: Flooding bounds them.
+        while not self.has_room():
+            if (command := self._take(timeout=0.05)) is not None:
+                self.waiting.append(command)
+                if len(self.waiting) >= MAX_COMMANDS:
+                    raise Flooding()
+        self.ws.send(json.dumps(message))
+
+    def has_room(self) -> bool:
+        """Whether the socket takes another message at once, without blocking."""
+        try:
+            return bool(select.select([], [self.ws.sock], [], 0)[1])
+        except ValueError:  # simple-websocket closed the socket: let ws.send() say so
+            return True
+
+    def close_for_flooding(self) -> None:
+        """Close with 1008 if the closing message fits, and read nothing more either way."""
+        with suppress(ConnectionClosed, OSError):  # unless the client has gone already
+            if self.has_room():  # 1008: policy violation (RFC 6455, 7.4.1)
+                self.ws.close(reason=1008, message=f"more than {MAX_COMMANDS} commands at once")
+            # Then stop reading whatever else it sends. With no room, not even the closing
+            # message can go: this alone ends the connection.
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+
+
 @sock.route("/ws")
 def stream(ws) -> None:
+    """Stream the user's chunks as JSON messages, obeying the client's commands as they come."""
     user_id, count = g.user_id, g.count
     state = {"paused": False, "stopped": False, "interval": g.interval}
+    channel = Channel(ws)
     logger.info("stream started for %s: %d chunks", user_id, count)
     sent, next_chunk_at = 0, monotonic()
     try:
@@ -218,24 +286,29 @@ def stream(ws) -> None:
             # Wait for a command until the next chunk is due (forever while paused):
             # one loop both reads what the client says and keeps the stream's pace.
             timeout = None if state["paused"] else max(0.0, next_chunk_at - monotonic())
-            message = ws.receive(timeout=timeout)
+            message = channel.receive(timeout)
             if message is not None:
-                ws.send(json.dumps(obey(message, state)))
+                channel.send(obey(message, state))
                 continue
             sent += 1
             text = f"chunk {sent} of {count} for {user_id}"
-            ws.send(json.dumps({"type": "chunk", "number": sent, "text": text}))
+            channel.send({"type": "chunk", "number": sent, "text": text})
             next_chunk_at = monotonic() + state["interval"]
-        ws.send(json.dumps({"type": "end", "sent": sent}))
+        channel.send({"type": "end", "sent": sent})
         logger.info("stream finished for %s: %d of %d chunks sent", user_id, sent, count)
-    except ConnectionClosed:  # the client closed, or vanished and a send or ping failed
+    # The client closed, or vanished and a send or ping failed (ConnectionClosed), or it
+    # reset the connection before simple-websocket noticed (OSError, from the socket).
+    except (ConnectionClosed, OSError):
         logger.info("%s disconnected after %d of %d chunks", user_id, sent, count)
+    except Flooding:
+        logger.info("%s sent too many commands: closed after %d chunks", user_id, sent)
+        channel.close_for_flooding()
 
 
 @app.errorhandler(Unauthenticated)
 def ask_for_a_token(error: Unauthenticated) -> Response:
     challenge = f'Bearer realm="{REALM}"'
-    if error.description is None:
+    if error.description is None:  # no token at all: RFC 6750 says no error code then
         body = {"error": "send 'Authorization: Bearer <token>'; POST /generate_token mints one"}
     else:
         challenge += f', error="invalid_token", error_description="{error.description}"'
@@ -244,6 +317,18 @@ def ask_for_a_token(error: Unauthenticated) -> Response:
     response = jsonify(body)
     response.status_code = 401
     response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+@app.errorhandler(RemoteProtocolError)
+def bad_handshake(error: RemoteProtocolError) -> Response:
+    # wsproto, under simple-websocket, checks the upgrade request and says what to answer:
+    # 400 when Sec-WebSocket-Key is missing, 426 and the version it speaks for another one.
+    hint = error.event_hint
+    problem = "Sec-WebSocket-Version must be 13" if hint.status_code == 426 else error
+    response = jsonify(error=f"not a WebSocket handshake this server takes: {problem}")
+    response.status_code = hint.status_code
+    response.headers.extend((name.decode(), value.decode()) for name, value in hint.headers)
     return response
 
 
@@ -262,11 +347,27 @@ def error_as_json(error: HTTPException) -> Response:
     return response
 
 
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """HTTPS: without it, anyone on the network path can read the bearer tokens."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
+    parser.add_argument("--cert", help="certificate file (PEM): serve HTTPS only, with --key")
+    parser.add_argument("--key", help="the certificate's private key file (PEM)")
     args = parser.parse_args()
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    try:
+        context = tls_context(args.cert, args.key) if args.cert else None
+    except OSError as error:  # a missing file, or one that holds no certificate or key
+        parser.error(f"cannot use --cert {args.cert} --key {args.key}: {error}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     app.config["JWT_SECRET_KEY"] = load_secret_key()
-    app.run(host=args.host, port=args.port, threaded=True)  # one thread per WebSocket
+    # One thread per WebSocket.
+    app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)

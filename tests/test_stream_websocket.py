@@ -1,26 +1,63 @@
 """Step 5: stream_server_websocket.py and stream_client_websocket.py, on a real server."""
 
+import io
 import json
 import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from contextlib import suppress
+from pathlib import Path
 
+import flask_sock
 import jwt
 import pytest
 import requests
 import websocket
 
 import stream_client_websocket as ws_client
+import stream_server as step_1_server
+import stream_server_multiuser_secure as step_3_server
 import stream_server_websocket as server
 from helpers import TEST_KEY, WAIT, free_port, token_for, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+HANDSHAKE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 @pytest.fixture(autouse=True)
 def test_key(monkeypatch):
     monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    monkeypatch.setitem(step_3_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
 
 
 @pytest.fixture
 def base_url(serve) -> str:
     return serve(server.app)
+
+
+@pytest.fixture
+def server_sockets(monkeypatch) -> list:
+    """Every simple-websocket Server that flask-sock makes, so a test can look at its queue of
+    received messages (`input_buffer`), the one a flood would grow."""
+    made = []
+
+    class Recorded(flask_sock.Server):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(self)  # before the handshake, which lets the client go on
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(flask_sock, "Server", Recorded)
+    return made
 
 
 def open_ws(base_url: str, query: str = "count=1000&interval=0.05", token: str | None = None):
@@ -119,6 +156,7 @@ def test_stop_ends_the_stream_early(base_url):
         ('{"command": "interval", "seconds": true}', "interval needs seconds, a number"),
         ('{"command": "interval", "seconds": -1}', "seconds must be from 0 to 60"),
         ('{"command": "interval", "seconds": 61}', "seconds must be from 0 to 60"),
+        ("[" * 1000, 'send JSON such as {"command": "pause"}'),  # too deep for json.loads
     ],
 )
 def test_bad_messages_get_an_error_and_the_connection_stays(base_url, message, error):
@@ -145,12 +183,7 @@ def test_bad_messages_get_an_error_and_the_connection_stays(base_url, message, e
     ],
 )
 def test_the_handshake_is_refused_with_401_before_the_upgrade(base_url, authorization, description):
-    headers = {
-        "Connection": "Upgrade",
-        "Upgrade": "websocket",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    }
+    headers = dict(HANDSHAKE)
     if authorization:
         headers["Authorization"] = authorization
     response = requests.get(f"{base_url}/ws", headers=headers, timeout=WAIT)
@@ -190,6 +223,169 @@ def test_plain_http_on_the_websocket_route_gets_a_clear_400(base_url):
     }
 
 
+class NoReaderThread(threading.Thread):
+    """Stands in for simple-websocket's reader thread, and never runs: nothing notices a
+    reset before the server's own next send does, the race a real server sometimes loses."""
+
+    def start(self) -> None:
+        pass
+
+
+def test_a_client_that_resets_the_connection_is_logged_as_a_disconnect(
+    base_url, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    options = {**server.app.config["SOCK_SERVER_OPTIONS"], "thread_class": NoReaderThread}
+    monkeypatch.setitem(server.app.config, "SOCK_SERVER_OPTIONS", options)
+    ws = open_ws(base_url, "count=1000000&interval=0", token_for("Resetter"))
+    receive(ws)
+    # SO_LINGER with a zero timeout: close() sends a reset (RST), not a goodbye (FIN).
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.sock.close()
+    wait_until(lambda: "Resetter disconnected after" in caplog.text)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "error"),
+    [
+        ({"Sec-WebSocket-Key": None}, 400, "Missing header, 'Sec-WebSocket-Key'"),
+        ({"Sec-WebSocket-Version": "8"}, 426, "Sec-WebSocket-Version must be 13"),
+    ],
+)
+def test_a_bad_handshake_with_a_valid_token_gets_a_clear_4xx(base_url, change, status, error):
+    headers = {**HANDSHAKE, **change, "Authorization": f"Bearer {token_for()}"}
+    headers = {name: value for name, value in headers.items() if value is not None}
+    response = requests.get(f"{base_url}/ws", headers=headers, timeout=WAIT)
+    assert response.status_code == status, response.text
+    assert response.json()["error"].endswith(error)
+    if status == 426:  # RFC 6455, 4.4: say which version the server speaks
+        assert response.headers["Sec-WebSocket-Version"] == "13"
+
+
+def test_a_flood_of_commands_is_closed_with_1008(base_url, caplog, monkeypatch):
+    caplog.set_level(logging.INFO)
+    # The server's clock stands still: its twenty commands arrive within one second
+    # however slowly this machine runs.
+    monkeypatch.setattr(server, "monotonic", lambda: 0.0)
+    ws = open_ws(base_url, "count=1000&interval=60", token_for("Flooder"))
+    try:
+        assert receive(ws)["type"] == "chunk"  # then none for 60 s
+        for _ in range(server.MAX_COMMANDS):
+            send(ws, command="pause")
+        for _ in range(server.MAX_COMMANDS - 1):
+            assert receive(ws)["type"] == "ack"
+        opcode, data = ws.recv_data(control_frame=True)
+    finally:
+        ws.shutdown()  # not close(): the server has closed it
+    assert opcode == websocket.ABNF.OPCODE_CLOSE
+    assert struct.unpack("!H", data[:2]) == (1008,)  # policy violation
+    assert data[2:] == b"more than 20 commands at once"
+    assert "Flooder sent too many commands: closed after 1 chunks" in caplog.text
+
+
+def test_a_client_that_floods_without_reading_is_cut_off(base_url, caplog, server_sockets):
+    caplog.set_level(logging.INFO)
+    # interval=0: the server writes chunks as fast as the socket takes them, and this
+    # client reads none, so the server soon has no room to send anything at all.
+    ws = open_ws(base_url, "count=1000000&interval=0", token_for("Flooder"))
+    command = json.dumps({"command": "resume", "padding": "x" * 4000})  # 4 KB, the most
+    queue_lengths = []  # of simple-websocket's queue of received messages, after each send
+
+    def flood() -> None:
+        with suppress(OSError, websocket.WebSocketException):  # cut off, or closed below
+            for _ in range(5000):  # 20 MB, if the server took it all
+                ws.send(command)
+                queue_lengths.append(len(server_sockets[0].input_buffer))
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        wait_until(lambda: "Flooder sent too many commands" in caplog.text)
+    finally:
+        ws.shutdown()  # a send blocked by a server that reads no more fails at once
+        flooder.join(WAIT)
+    assert len(queue_lengths) < 5000  # the server stopped taking the flood
+    # How far simple-websocket's thread reads ahead of the stream's own depends on thread
+    # scheduling: tens of messages here, never the thousands of a flood left to grow.
+    assert max(queue_lengths) < 500
+
+
+def test_commands_waiting_for_a_client_that_reads_nothing_are_bounded(
+    base_url, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    # Stand-ins: a client that has stopped reading (its socket never has room), and a
+    # clock that runs a second per look, so that only the commands waiting count.
+    monkeypatch.setattr(server.Channel, "has_room", lambda channel: False)
+    seconds = iter(range(1_000_000))
+    monkeypatch.setattr(server, "monotonic", lambda: float(next(seconds)))
+    ws = open_ws(base_url, "count=1000&interval=0", token_for("Stalled"))
+    try:
+        for _ in range(server.MAX_COMMANDS + 1):
+            send(ws, command="pause")
+        # No room even for the closing message: the server ends the connection.
+        with pytest.raises((OSError, websocket.WebSocketException)):
+            ws.recv()
+    finally:
+        ws.shutdown()
+    wait_until(lambda: "Stalled sent too many commands" in caplog.text)
+
+
+def test_a_wrong_content_type_gets_415(base_url):
+    response = requests.post(
+        f"{base_url}/generate_token",
+        data='{"user_id": "Bob"}',
+        headers={"Content-Type": "text/plain"},
+        timeout=WAIT,
+    )
+    assert response.status_code == 415, response.text
+    assert response.json()["error"].startswith("send the body as JSON")
+
+
+def test_the_server_serves_https_only_with_cert_and_key(tls, capsys):
+    # Port 0: the OS picks a free port, and the dev server logs the one it got.
+    command = [sys.executable, "stream_server_websocket.py", "--port", "0"]
+    command += ["--cert", tls.cert_file, "--key", tls.key_file]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"https://127.0.0.1:{logged_https_port(process)}"
+        argv = ["--url", url, "--count", "2", "--interval", "0", "--commands"]
+        assert ws_client.main([*argv, "--cacert", tls.ca_file]) == 0
+        assert "< end: 2 chunks sent" in capsys.readouterr().out
+        assert ws_client.main(argv) == 1  # the system's CAs do not know the test CA
+        assert capsys.readouterr().err == (
+            f"error: cannot verify the certificate of {url}: "
+            "if a local CA signed it, pass that CA's certificate with --cacert\n"
+        )
+        plain = url.replace("https", "http")
+        assert ws_client.main(["--url", plain]) == 1
+        assert capsys.readouterr().err == (
+            f"error: {plain} closed the connection without answering: if the server was "
+            f"started with --cert, it speaks HTTPS only: use --url {url}\n"
+        )
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stderr.close()
+
+
+def logged_https_port(process: subprocess.Popen) -> int:
+    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
+    for line in process.stderr:
+        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("the server exited without saying where it serves HTTPS")
+
+
+def test_cert_without_key_is_refused():
+    command = [sys.executable, "stream_server_websocket.py", "--cert", "server.pem"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 2
+    assert result.stderr.endswith("error: --cert and --key go together\n")
+
+
 def test_minting_works_and_refuses_bad_bodies(base_url):
     good = requests.post(f"{base_url}/generate_token", json={"user_id": "Bob"}, timeout=WAIT)
     assert jwt.decode(good.json()["access_token"], TEST_KEY, algorithms=["HS256"])["sub"] == "Bob"
@@ -221,7 +417,7 @@ def test_client_steers_the_stream_with_scripted_commands(base_url, capsys):
         "< ack interval: paused, interval 1.0s",
         "< error from the server: unknown command 'jump': pause, resume, interval, stop",
         "< ack resume: running, interval 1.0s",
-        "< ack stop: running, interval 1.0s",
+        "< ack stop: stopping, interval 1.0s",
         answers[-1],
     ]
     assert answers[-1].startswith("< end: ")
@@ -241,6 +437,49 @@ def test_client_says_when_the_server_is_not_running(capsys):
     assert capsys.readouterr().err == (
         f"error: cannot connect to {url}: is the server running? "
         "Start it with: python stream_server_websocket.py\n"
+    )
+
+
+def test_the_interactive_client_says_which_commands_it_takes(base_url, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("pause\nstop\n"))
+    assert ws_client.main(["--url", base_url, "--count", "1000", "--interval", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "type a command and Enter while the chunks arrive: pause, resume, interval <seconds>, stop"
+    )
+    assert lines[-2].endswith("< ack stop: stopping, interval 1.0s")
+
+
+@pytest.mark.parametrize("url", ["ws://127.0.0.1:5000", "http://127.0.0.1:5000/ws", "localhost"])
+def test_the_client_takes_the_servers_base_url_only(capsys, url):
+    with pytest.raises(SystemExit) as exited:
+        ws_client.main(["--url", url])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "error: --url is the server's base URL, such as http://127.0.0.1:5000 (https:// for a "
+            f"server started with --cert), not {url}: the client opens /ws itself"
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("step", "token", "answer"),
+    [
+        (step_1_server, None, "POST /generate_token answered 404"),
+        (step_1_server, token_for(), "GET /ws answered 404"),
+        (step_3_server, None, "GET /ws answered 404"),  # it mints tokens too, but has no /ws
+    ],
+)
+def test_the_client_says_when_another_steps_server_answers(serve, capsys, step, token, answer):
+    url = serve(step.app)
+    argv = ["--url", url, "--count", "1"] + (["--token", token] if token else [])
+    assert ws_client.main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url} is not step 5's server ({answer}): "
+        "start it with python stream_server_websocket.py\n"
     )
 
 
