@@ -6,7 +6,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import trustme
@@ -79,28 +79,38 @@ def gate() -> Iterator[Gate]:
     gate.open()  # let any stream still paused run to its end
 
 
+def step_under_test(request) -> ModuleType:
+    """The step module whose sleep() the fixtures below replace: each test module names it
+    with `pytestmark = pytest.mark.step(<module>)`."""
+    marker = request.node.get_closest_marker("step")
+    if marker is None:
+        pytest.fail("mark the test module with pytestmark = pytest.mark.step(<step module>)")
+    return marker.args[0]
+
+
 @pytest.fixture
 def gated(request, monkeypatch, gate) -> Gate:
-    """The test module's `server` pauses at the gate between chunks."""
-    monkeypatch.setattr(request.module.server, "sleep", gate.sleep)
+    """The marked step pauses at the gate between chunks."""
+    monkeypatch.setattr(step_under_test(request), "sleep", gate.sleep)
     return gate
 
 
 @pytest.fixture
 def pauses(request, monkeypatch) -> list[float]:
-    """A controllable clock: the test module's `server` records its pauses instead of sleeping."""
+    """A controllable clock: the marked step records its pauses instead of sleeping."""
     recorded: list[float] = []
-    monkeypatch.setattr(request.module.server, "sleep", recorded.append)
+    monkeypatch.setattr(step_under_test(request), "sleep", recorded.append)
     return recorded
 
 
 @pytest.fixture
 def drop_connection(request, monkeypatch) -> Callable[..., None]:
-    """Make the test module's `server` break its connection at one pause (1 is the first),
-    as a network failure would. The other pauses sleep for real only if asked to."""
+    """Make the marked step break its connection at one pause (1 is the first), as a
+    network failure would. The other pauses sleep for real only if asked to."""
+    step = step_under_test(request)
 
     def patch(at_pause: int, real_sleep: bool = False) -> None:
-        slept, pauses = request.module.server.sleep, itertools.count(1)
+        slept, pauses = step.sleep, itertools.count(1)
 
         def sleep(seconds: float) -> None:
             if next(pauses) == at_pause:
@@ -108,7 +118,7 @@ def drop_connection(request, monkeypatch) -> Callable[..., None]:
             if real_sleep:
                 slept(seconds)
 
-        monkeypatch.setattr(request.module.server, "sleep", sleep)
+        monkeypatch.setattr(step, "sleep", sleep)
 
     return patch
 

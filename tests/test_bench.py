@@ -10,6 +10,8 @@ import stream_server_multiuser as server
 from bench import bench
 from helpers import free_port
 
+pytestmark = pytest.mark.step(server)
+
 
 @pytest.fixture
 def port(serve) -> int:

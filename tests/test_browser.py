@@ -14,6 +14,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 import stream_server_sse as server
 from helpers import WAIT
 
+pytestmark = pytest.mark.step(server)
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -13,6 +13,8 @@ import stream_server_multiuser_secure as secure_server
 import stream_server_sse as sse_server
 from helpers import TEST_KEY, chunked, free_port, raw_get
 
+pytestmark = pytest.mark.step(server)
+
 CHUNK_LINE = re.compile(r"\+\d+\.\d\ds  chunk (\d+) of (\d+)")
 
 

@@ -14,6 +14,8 @@ import stream_server
 import stream_server_multiuser as server
 from helpers import WAIT, chunked, free_port, raw_get, wait_until
 
+pytestmark = pytest.mark.step(server)
+
 PID = os.getpid()  # the tests' own process runs the servers
 
 

@@ -11,6 +11,8 @@ import stream_server_sse as server
 from helpers import free_port
 from stream_client_sse import Event, SSEParser
 
+pytestmark = pytest.mark.step(server)
+
 # One stream that uses every rule: LF, CRLF and CR line ends, comments, multi-line
 # data, a field with no space after its colon, ids (one with a NUL, ignored), retry
 # (one that is not a number, ignored), an event with no data (not dispatched).
