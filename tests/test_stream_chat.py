@@ -6,7 +6,10 @@ import codecs
 import io
 import itertools
 import json
+import os
 import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -579,3 +582,167 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
         f"error: cannot connect to {url}/rooms/lobby/events: is the server running? "
         "Start it with: python stream_server_chat.py\n"
     )
+
+
+# Two gunicorn -k gevent instances sharing one real Redis: what no single process can show
+
+
+class Instance:
+    """`gunicorn -k gevent` running the chat step in one worker, on a free loopback port,
+    with REDIS_URL; stopped, or killed with SIGKILL, by its own process group id."""
+
+    def __init__(self, redis_url: str, presence_ttl: int = 2) -> None:
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", "gevent"]
+        command += ["-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "1"]
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": redis_url}
+        # A short bound for presence, so that a dead instance drops out within the test.
+        env["CHAT_PRESENCE_TTL"] = str(presence_ttl)
+        self.process = subprocess.Popen(
+            [*command, "stream_server_chat:app"], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self._url = ""
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    @property
+    def url(self) -> str:
+        """The base URL, once gunicorn says where it listens."""
+        while not self._url:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                raise AssertionError(f"gunicorn never listened:\n{''.join(self.log)}") from None
+            self.log.append(line)
+            if match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line):
+                self._url = match.group(1)
+        return self._url
+
+    def kill(self) -> None:
+        """SIGKILL to master and worker at once: no cleanup, as when a host dies."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def instances(redis_server):
+    """Two instances, A and B, that share the one Redis."""
+    started = [Instance(redis_server.url) for _ in range(2)]
+    try:
+        yield [instance.url for instance in started]
+    finally:
+        for instance in started:
+            instance.process.terminate()  # both at once, then wait for each
+        for instance in started:
+            instance.stop()
+
+
+def test_fan_out_across_instances(instances, room, follow):
+    # 2 x 25 subscribers, and 4 posters (two on each instance) of 50 messages each, at once.
+    followers = [follow(url, room, f"Reader{n}") for url in instances for n in range(25)]
+    sent = {poster: [f"{poster}: {n}" for n in range(50)] for poster in range(4)}
+
+    def post_all(poster: int) -> None:
+        for text in sent[poster]:
+            post(instances[poster % 2], room, text, user=f"Poster{poster}")
+
+    posters = [threading.Thread(target=post_all, args=(poster,)) for poster in sent]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join(WAIT)
+    first = followers[0].wait_for(200)
+    assert len(first) == 200
+    assert in_order([m["id"] for m in first])
+    for poster, texts in sent.items():  # each poster's messages, all there, in its order
+        assert [m["text"] for m in first if m["user"] == f"Poster{poster}"] == texts
+    for follower in followers[1:]:
+        assert follower.wait_for(200) == first  # every message exactly once, in one order
+
+
+def test_resume_on_another_instance(instances, room, follow):
+    a, b = instances
+    on_a = follow(a, room)
+    ids = [post(b, room, f"message {n}") for n in range(3)]
+    assert on_a.wait_for(3)[-1]["id"] == ids[-1]
+    on_a.close()  # the connection drops; meanwhile the room goes on
+    ids += [post(a, room, f"message {n}") for n in range(3, 5)]
+    on_b = follow(b, room, last_id=ids[2])
+    later = post(a, room, "live")
+    assert on_b.wait_for(3) == on_b.messages()
+    assert on_b.ids() == [*ids[3:], later]  # no gap, no duplicate
+    assert [e.type for e in on_b.events] == ["message"] * 3
+
+
+def test_an_id_older_than_the_history_gets_a_reset_on_any_instance(
+    instances, room, follow, redis_server
+):
+    ids = [post(instances[0], room, f"message {n}") for n in range(4)]
+    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with store:
+        store.xtrim(f"chat:{room}", maxlen=1, approximate=False)
+    resumed = follow(instances[1], room, last_id=ids[0])
+    resumed.wait_for(1)
+    assert [(e.type, e.id) for e in resumed.events] == [("reset", ""), ("message", ids[3])]
+    assert json.loads(resumed.events[0].data) == {"first_id": ids[3]}
+
+
+def test_presence_counts_every_instance_and_forgets_a_dead_one(
+    instances, redis_server, room, follow
+):
+    a, doomed = instances[0], Instance(redis_server.url, presence_ttl=1)
+    try:
+        for _ in range(2):
+            follow(a, room, "Alice")
+        follow(doomed.url, room, "Bob")
+        for url in (a, doomed.url):
+            wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
+        doomed.kill()
+        killed = time.monotonic()
+        wait_until(lambda: presence(a, room) == {"Alice": 2})
+        # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
+        # for a busy machine.
+        assert time.monotonic() - killed < 1 + 3
+    finally:
+        doomed.stop()
+
+
+def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_server):
+    followers = [follow(url, room) for url in instances]
+    first = post(instances[0], room, "before")
+    for follower in followers:
+        follower.wait_for(1)
+    redis_server.stop()
+    try:
+        for follower in followers:
+            follower.wait_for_end()
+            assert follower.error is None  # the final chunk came: a clean end
+            assert [e.type for e in follower.events] == ["message", "error"]
+        for url in instances:
+            refused = requests.post(
+                f"{url}/rooms/{room}/messages", json={"text": "lost?"},
+                headers=bearer(token_for("Alice")), timeout=WAIT,
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json() == {"error": "Redis is unavailable; try again in a moment"}
+    finally:
+        redis_server.start()
+    resumed = [follow(url, room, last_id=first) for url in instances]
+    later = post(instances[1], room, "after")
+    for follower in resumed:
+        follower.wait_for(1)
+        assert [(e.type, e.id) for e in follower.events] == [("reset", ""), ("message", later)]
