@@ -159,7 +159,7 @@ class Broker:
 
     def read(self) -> None:
         """The reader: waits for new messages, queues them, keeps presence up to date."""
-        woken, refresh_at = "0-0", 0.0
+        woken, refresh_at, failing = "0-0", 0.0, False
         while True:
             try:
                 if self.changed or monotonic() >= refresh_at:
@@ -174,12 +174,15 @@ class Broker:
                         woken = messages[-1][0]
                     else:
                         self.hand_over(key.removeprefix("chat:"), messages)
+                failing = False
             except Exception as error:  # Redis down (or a bug): the one reader must live on
                 with self.lock:
                     ended = [(room, i) for room, each in self.inboxes.items() for i in each]
                     for room, inbox in ended:
                         self.end(room, inbox, "error")
-                logger.warning("Redis failed (%s): %d streams ended", error, len(ended))
+                if ended or not failing:  # once, not every second while Redis is down
+                    logger.warning("Redis failed (%s): %d streams ended", error, len(ended))
+                failing = True
                 sleep(1)  # redis-py reconnects by itself on the next command
 
     def hand_over(self, room: str, messages: list) -> None:
@@ -386,12 +389,13 @@ def sse_response(body: Iterator[str]) -> Response:
 @app.post("/rooms/<room>/messages")
 def post_message(room: str) -> Response:
     """Store a message in the room's history, from where it reaches every subscriber."""
-    user = authenticated_user()
+    user, key = authenticated_user(), f"chat:{checked(room)}"
     text = json_object().get("text")
-    if not isinstance(text, str) or not TEXT.fullmatch(checked(room) and text):
+    if not isinstance(text, str) or not TEXT.fullmatch(text):
         abort(400, "text must be a string of 1 to 1000 characters, not only spaces")
-    key, history = f"chat:{room}", app.config["HISTORY"]
-    message_id = broker().redis.xadd(key, {"user": user, "text": text}, maxlen=history)
+    # MAXLEN ~ (redis-py's approximate=True): Redis trims whole blocks of old entries, cheaply.
+    fields, history = {"user": user, "text": text}, app.config["HISTORY"]
+    message_id = broker().redis.xadd(key, fields, maxlen=history)  # Redis picks the id
     return jsonify(id=message_id), 201
 
 

@@ -224,6 +224,27 @@ def test_resuming_at_the_newest_id_sends_only_new_messages(base, room, follow):
     assert resumed.ids() == [later]
 
 
+def test_a_client_ahead_of_this_process_gets_no_duplicate(chat, base, room, follow, monkeypatch):
+    # A client that read messages on a quicker instance resumes here while this process's
+    # reader has not handed them over yet: when it does, the client must not get them twice.
+    first = follow(base, room)
+    held, hand_over = threading.Event(), chat.hand_over
+
+    def hand_over_late(*args) -> None:
+        assert held.wait(WAIT)
+        hand_over(*args)
+
+    monkeypatch.setattr(chat, "hand_over", hand_over_late)
+    ids = [post(base, room, f"message {n}") for n in range(2)]
+    ahead = follow(base, room, last_id=ids[1])
+    held.set()
+    later = post(base, room, "later")
+    wait_until(lambda: later in ahead.ids())
+    assert ahead.ids() == [later]
+    assert first.wait_for(3) == first.messages()
+    assert first.ids() == [*ids, later]
+
+
 def test_an_id_the_history_no_longer_holds_gets_a_reset_first(chat, base, room, follow):
     ids = [post(base, room, f"message {n}") for n in range(5)]
     chat.redis.xtrim(f"chat:{room}", maxlen=2, approximate=False)  # as MAXLEN ~ does, later
