@@ -650,6 +650,12 @@ class Instance:
                 self._url = match.group(1)
         return self._url
 
+    def logged(self, text: str) -> bool:
+        """Whether the instance has logged `text` so far; does not wait."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return any(text in line for line in self.log)
+
     def kill(self) -> None:
         """SIGKILL to master and worker at once: no cleanup, as when a host dies."""
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -773,6 +779,57 @@ def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_se
     for follower in resumed:
         follower.wait_for(1)
         assert [(e.type, e.id) for e in follower.events] == [("reset", ""), ("message", later)]
+
+
+# Through nginx (deploy/nginx.conf) in front of both instances
+
+
+@pytest.fixture
+def nginx_in_front(request):
+    """nginx(port, other_port): deploy/nginx.conf in front of two instances, as the `nginx`
+    fixture of tests/conftest.py starts it; skipped where that fixture is not there yet."""
+    try:
+        return request.getfixturevalue("nginx")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the nginx fixture of tests/conftest.py, and deploy/nginx.conf")
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_through_nginx_each_message_arrives_as_it_is_posted(
+    instances, nginx_in_front, room, follow
+):
+    proxy = nginx_in_front(*(port_of(url) for url in instances))
+    follower = follow(proxy.url, room)
+    for n in range(3):
+        # The next is posted only once this one has arrived: nothing waits in a buffer.
+        posted = post(instances[n % 2], room, f"message {n}")
+        assert follower.wait_for(n + 1)[-1]["id"] == posted
+
+
+def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
+    redis_server, nginx_in_front, room, monkeypatch
+):
+    both = [Instance(redis_server.url) for _ in range(2)]
+    try:
+        proxy = nginx_in_front(*(port_of(instance.url) for instance in both))
+        walker = ClientThread(proxy.url, room, "Walker")  # stream_client_chat's follow()
+        wait_until(lambda: any(i.logged(f"Walker in {room} started") for i in both))
+        doomed, survivor = sorted(both, key=lambda i: not i.logged(f"Walker in {room} started"))
+        first = post(survivor.url, room, "before")
+        assert walker.next().id == first
+        doomed.kill()
+        missed = [post(survivor.url, room, f"while away {n}") for n in range(2)]
+        # The client sees the connection break, waits the server's retry (2 s), reconnects
+        # through nginx, which finds the dead instance refusing and passes it to the other.
+        later = post(survivor.url, room, "after")
+        assert [walker.next().id for _ in range(3)] == [*missed, later]
+        assert walker.got.empty()
+    finally:
+        for instance in both:
+            instance.stop()
 
 
 # The page in headless Chromium
