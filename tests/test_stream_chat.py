@@ -152,6 +152,23 @@ def chat(request):
         broker = server.broker()
         patch.delenv("REDIS_URL", raising=False)
         yield broker
+    park(broker)
+
+
+def park(broker) -> None:
+    """Once its tests are done: the broker's reader thread waits forever on nothing, so that
+    it never touches Redis or logs in later tests, and its connections are closed."""
+    parked = threading.Event()
+
+    def xread(*args, **kwargs) -> None:
+        parked.set()
+        threading.Event().wait()
+
+    reader, broker.reader = broker.reader, SimpleNamespace(xread=xread)
+    broker.wake()
+    assert parked.wait(WAIT), "the reader never came back for more"
+    reader.close()
+    broker.redis.close()
 
 
 only_redis = pytest.mark.parametrize("chat", ["redis"], indirect=True)
@@ -462,10 +479,11 @@ def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, red
     monkeypatch.delenv("REDIS_URL", raising=False)
     server.broker()
     assert "REDIS_URL is unset: rooms live in this process, which serves them alone" in caplog.text
-    monkeypatch.delitem(server.app.extensions, "chat")
+    park(server.app.extensions.pop("chat"))
     monkeypatch.setenv("REDIS_URL", redis_server.url)
     server.broker()
     assert "rooms are in Redis: every process that shares it serves them" in caplog.text
+    park(server.app.extensions["chat"])
 
 
 def test_a_history_below_one_is_refused_at_start():
@@ -532,6 +550,13 @@ class ClientThread:
     def next(self):
         return self.got.get(timeout=WAIT)
 
+    def stop(self, chat, room: str, monkeypatch) -> None:
+        """End the stream, and the client gives up: nothing of it outlives the test."""
+        monkeypatch.setattr(chat_client, "RECONNECTS", 0)
+        end_streams(chat, room, "error")
+        assert self.next().type == "error"
+        assert str(self.next()) == "the server ended the stream, and 0 reconnections failed"
+
 
 def end_streams(chat, room: str, reason: str) -> None:
     """End the room's streams in this process as the server does, with `reason` last."""
@@ -561,10 +586,7 @@ def test_client_resumes_whenever_its_stream_ends(chat, base, room, monkeypatch, 
         f"(the server ended the stream; resuming after event {first} in 0.01s)\n"
         f"(the server ended the stream; resuming after event {second} in 0.01s)\n"
     )
-    monkeypatch.setattr(chat_client, "RECONNECTS", 0)
-    end_streams(chat, room, "error")
-    assert carol.next().type == "error"
-    assert str(carol.next()) == "the server ended the stream, and 0 reconnections failed"
+    carol.stop(chat, room, monkeypatch)
 
 
 @only_in_process
@@ -588,6 +610,7 @@ def test_client_waits_longer_after_each_503(chat, base, room, monkeypatch, capsy
         "(the server cannot reach Redis; resuming after event none in 2s)\n"
         "(the server cannot reach Redis; resuming after event none in 4s)\n"
     )
+    carol.stop(chat, room, monkeypatch)
 
 
 @only_in_process
@@ -810,24 +833,46 @@ def test_through_nginx_each_message_arrives_as_it_is_posted(
 
 
 def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
-    redis_server, nginx_in_front, room, monkeypatch
+    redis_server, nginx_in_front, room
 ):
     both = [Instance(redis_server.url) for _ in range(2)]
+    walker = reader = None
     try:
         proxy = nginx_in_front(*(port_of(instance.url) for instance in both))
-        walker = ClientThread(proxy.url, room, "Walker")  # stream_client_chat's follow()
+        # The client itself, as a reader runs it (stdin stays open: it posts nothing).
+        command = [sys.executable, "stream_client_chat.py", "--url", proxy.url, "--room", room]
+        walker = subprocess.Popen(
+            [*command, "--user", "Walker"], cwd=ROOT, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        printed: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [printed.put(line) for line in walker.stdout])
+        reader.start()
         wait_until(lambda: any(i.logged(f"Walker in {room} started") for i in both))
         doomed, survivor = sorted(both, key=lambda i: not i.logged(f"Walker in {room} started"))
-        first = post(survivor.url, room, "before")
-        assert walker.next().id == first
+        first = post(survivor.url, room, "before", user="Bob")
+        assert printed.get(timeout=WAIT).endswith(" Bob: before\n")
         doomed.kill()
-        missed = [post(survivor.url, room, f"while away {n}") for n in range(2)]
-        # The client sees the connection break, waits the server's retry (2 s), reconnects
+        for n in range(2):
+            post(survivor.url, room, f"while away {n}", user="Bob")
+        # The client sees its connection break, waits the server's retry (2 s) and reconnects
         # through nginx, which finds the dead instance refusing and passes it to the other.
-        later = post(survivor.url, room, "after")
-        assert [walker.next().id for _ in range(3)] == [*missed, later]
-        assert walker.got.empty()
+        post(survivor.url, room, "after", user="Bob")
+        lines = [printed.get(timeout=WAIT) for _ in range(4)]
+        assert lines[0] == f"(the connection was lost; resuming after event {first} in 2s)\n"
+        assert [line.split(" ", 1)[1] for line in lines[1:]] == [
+            "Bob: while away 0\n", "Bob: while away 1\n", "Bob: after\n"  # no gap, no duplicate
+        ]
     finally:
+        if walker:
+            walker.kill()
+            walker.wait(WAIT)
+        if reader:
+            reader.join(WAIT)
+        if walker:
+            walker.stdin.close()
+            walker.stdout.close()
         for instance in both:
             instance.stop()
 
