@@ -1,0 +1,983 @@
+"""Step 7: stream_server_chat.py and stream_client_chat.py, in this process on both backends
+(the in-process default, fakeredis, and a real redis-server), then as two gunicorn -k gevent
+instances that share one real Redis, and the page in headless Chromium."""
+
+import codecs
+import io
+import itertools
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import suppress
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import redis
+import requests
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+import show_chunks
+import stream_client_chat as chat_client
+import stream_server_chat as server
+from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_until
+from stream_client_chat import Event, SSEParser
+from test_browser import CHROMEDRIVER, CHROMIUM, FLAGS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def test_key(monkeypatch):
+    monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+
+
+@pytest.fixture
+def room() -> str:
+    """A room of its own for each test: the brokers and the Redis outlive a test."""
+    return f"room-{uuid.uuid4().hex[:8]}"
+
+
+class Follower:
+    """A client following a room over a bare socket, reading in a thread of its own and
+    keeping every event; close() hangs up, as a network failure would."""
+
+    def __init__(self, base: str, room: str, user: str = "Reader", last_id: str = "", query=""):
+        lines = [f"{name}: {value}" for name, value in bearer(token_for(user)).items()]
+        lines += [f"Last-Event-ID: {last_id}"] if last_id else []
+        url = f"{base}/rooms/{room}/events{query}"
+        self.sock, self.wire = show_chunks.send_request(url, lines)
+        self.sock.settimeout(WAIT)
+        # The server subscribes before it answers, so from here on nothing posted is missed.
+        self.head = show_chunks.read_head(self.wire)
+        assert self.head[0] == "HTTP/1.1 200 OK", self.head
+        self.parser = SSEParser()
+        self.events: list = []
+        self.error: Exception | None = None
+        self.ended = threading.Event()  # the server ended the body (its final chunk) or it broke
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            for _, payload in show_chunks.read_chunks(self.wire):
+                self.events += self.parser.feed(decoder.decode(payload))
+        except (OSError, ValueError, show_chunks.FramingError) as error:
+            self.error = error
+        finally:
+            self.ended.set()
+
+    def messages(self) -> list[dict]:
+        return [json.loads(e.data) for e in self.events if e.type == "message"]
+
+    def ids(self) -> list[str]:
+        return [message["id"] for message in self.messages()]
+
+    def wait_for(self, count: int) -> list[dict]:
+        wait_until(lambda: len(self.messages()) >= count or self.ended.is_set())
+        return self.messages()
+
+    def wait_for_end(self) -> None:
+        assert self.ended.wait(WAIT), "the stream never ended"
+
+    def close(self) -> None:
+        with suppress(OSError):  # the server may have closed it already
+            self.sock.shutdown(socket.SHUT_RDWR)
+        assert self.ended.wait(WAIT), "the reading thread is stuck"
+        self.wire.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def follow():
+    """follow(base, room, ...) opens a Follower; every one left open is closed after the test."""
+    followers: list[Follower] = []
+
+    def open_one(*args, **kwargs) -> Follower:
+        followers.append(Follower(*args, **kwargs))
+        return followers[-1]
+
+    yield open_one
+    for follower in followers:
+        follower.close()
+
+
+def post(base: str, room: str, text: str, user: str = "Alice") -> str:
+    response = requests.post(
+        f"{base}/rooms/{room}/messages", json={"text": text}, headers=bearer(token_for(user)),
+        timeout=WAIT,
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def presence(base: str, room: str) -> dict:
+    response = requests.get(
+        f"{base}/rooms/{room}/presence", headers=bearer(token_for("Observer")), timeout=WAIT
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["room"] == room
+    return response.json()["users"]
+
+
+def in_order(ids: list[str]) -> bool:
+    return all(server.order(a) < server.order(b) for a, b in itertools.pairwise(ids))
+
+
+# In this process, on each backend: the default (fakeredis) and a real redis-server
+
+
+@pytest.fixture(scope="module", params=["in-process", "redis"])
+def chat(request):
+    """The step's own broker(), made without REDIS_URL (fakeredis) or with a real Redis."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delitem(server.app.extensions, "chat", raising=False)
+        if request.param == "redis":
+            patch.setenv("REDIS_URL", request.getfixturevalue("redis_server").url)
+        else:
+            patch.delenv("REDIS_URL", raising=False)
+        broker = server.broker()
+        patch.delenv("REDIS_URL", raising=False)
+        yield broker
+    park(broker)
+
+
+def park(broker) -> None:
+    """Once its tests are done: the broker's reader thread waits forever on nothing, so that
+    it never touches Redis or logs in later tests, and its connections are closed."""
+    parked = threading.Event()
+
+    def xread(*args, **kwargs) -> None:
+        parked.set()
+        threading.Event().wait()
+
+    reader, broker.reader = broker.reader, SimpleNamespace(xread=xread)
+    broker.wake()
+    assert parked.wait(WAIT), "the reader never came back for more"
+    reader.close()
+    broker.redis.close()
+
+
+only_redis = pytest.mark.parametrize("chat", ["redis"], indirect=True)
+only_in_process = pytest.mark.parametrize("chat", ["in-process"], indirect=True)
+
+
+@pytest.fixture
+def base(chat, serve) -> str:
+    return serve(server.app)
+
+
+@pytest.fixture
+def client(chat):
+    return server.app.test_client()
+
+
+def test_a_message_reaches_every_subscriber_as_one_event(base, room, follow):
+    alice, bob = follow(base, room, "Alice"), follow(base, room, "Bob")
+    assert "Content-Type: text/event-stream; charset=utf-8" in alice.head
+    assert "Cache-Control: no-cache" in alice.head
+    assert "X-Accel-Buffering: no" in alice.head
+    before = int(time.time())
+    message_id = post(base, room, "hello, room\nsecond line: é", user="Alice")
+    for follower in (alice, bob):
+        assert follower.wait_for(1) == [
+            {"id": message_id, "user": "Alice", "text": "hello, room\nsecond line: é",
+             "time": follower.messages()[0]["time"]}
+        ]
+        assert before <= follower.messages()[0]["time"] <= int(time.time())
+        assert [(e.type, e.id) for e in follower.events] == [("message", message_id)]
+        assert follower.parser.retry_ms == 2000
+
+
+def test_every_subscriber_sees_one_order_with_increasing_ids(base, room, follow):
+    followers = [follow(base, room) for _ in range(3)]
+    posters = [
+        threading.Thread(target=lambda p=p: [post(base, room, f"{p}-{n}") for n in range(10)])
+        for p in range(3)
+    ]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join(WAIT)
+    first = followers[0].wait_for(30)
+    assert len(first) == 30
+    assert in_order([m["id"] for m in first])
+    for follower in followers[1:]:
+        assert follower.wait_for(30) == first
+
+
+@pytest.mark.parametrize("how", ["header", "query"])
+def test_last_event_id_resumes_right_after_it(base, room, follow, how):
+    ids = [post(base, room, f"message {n}") for n in range(5)]
+    if how == "header":
+        resumed = follow(base, room, last_id=ids[1])
+    else:
+        resumed = follow(base, room, query=f"?last_event_id={ids[1]}")
+    assert [m["id"] for m in resumed.wait_for(3)] == ids[2:]
+    later = post(base, room, "after the resume")
+    assert resumed.wait_for(4)[-1]["id"] == later
+    assert resumed.ids() == [*ids[2:], later]  # exactly once each, no reset
+    assert [e.type for e in resumed.events] == ["message"] * 4
+
+
+def test_resuming_at_the_newest_id_sends_only_new_messages(base, room, follow):
+    ids = [post(base, room, f"message {n}") for n in range(3)]
+    resumed = follow(base, room, last_id=ids[-1])
+    later = post(base, room, "new")
+    assert resumed.wait_for(1) == [resumed.messages()[0]]
+    assert resumed.ids() == [later]
+
+
+def test_a_client_ahead_of_this_process_gets_no_duplicate(chat, base, room, follow, monkeypatch):
+    # A client that read messages on a quicker instance resumes here while this process's
+    # reader has not handed them over yet: when it does, the client must not get them twice.
+    first = follow(base, room)
+    held, hand_over = threading.Event(), chat.hand_over
+
+    def hand_over_late(*args) -> None:
+        assert held.wait(WAIT)
+        hand_over(*args)
+
+    monkeypatch.setattr(chat, "hand_over", hand_over_late)
+    ids = [post(base, room, f"message {n}") for n in range(2)]
+    ahead = follow(base, room, last_id=ids[1])
+    held.set()
+    later = post(base, room, "later")
+    wait_until(lambda: later in ahead.ids())
+    assert ahead.ids() == [later]
+    assert first.wait_for(3) == first.messages()
+    assert first.ids() == [*ids, later]
+
+
+def test_an_id_the_history_no_longer_holds_gets_a_reset_first(chat, base, room, follow):
+    ids = [post(base, room, f"message {n}") for n in range(5)]
+    chat.redis.xtrim(f"chat:{room}", maxlen=2, approximate=False)  # as MAXLEN ~ does, later
+    resumed = follow(base, room, last_id=ids[0])
+    resumed.wait_for(2)
+    reset, *rest = resumed.events
+    assert reset.type == "reset"
+    assert json.loads(reset.data) == {"first_id": ids[3]}
+    assert [e.id for e in rest] == ids[3:]  # what is kept, then live
+    later = post(base, room, "new")
+    assert resumed.wait_for(3)[-1]["id"] == later
+
+
+def test_an_id_this_room_never_had_gets_a_reset(base, room, follow):
+    ids = [post(base, room, f"message {n}") for n in range(2)]
+    resumed = follow(base, room, last_id="1-0")
+    resumed.wait_for(2)
+    assert [(e.type, e.id) for e in resumed.events] == [
+        ("reset", ""),
+        ("message", ids[0]),
+        ("message", ids[1]),
+    ]
+    empty = follow(base, f"{room}-empty", last_id="1-0")
+    wait_until(lambda: empty.events)
+    assert empty.events[0].type == "reset"
+    assert json.loads(empty.events[0].data) == {"first_id": None}
+
+
+def test_history_is_bounded_by_maxlen(chat, client, room, monkeypatch):
+    monkeypatch.setitem(server.app.config, "HISTORY", 10)
+    headers = bearer(token_for("Alice"))
+    for n in range(250):
+        response = client.post(f"/rooms/{room}/messages", json={"text": f"{n}"}, headers=headers)
+        assert response.status_code == 201, response.text
+    # MAXLEN ~ trims whole nodes of the Stream (100 entries each, by default): cheaper than
+    # exactly 10, and never fewer.
+    assert 10 <= chat.redis.xlen(f"chat:{room}") <= 110
+
+
+def test_quiet_streams_carry_keep_alive_comments(client, room, monkeypatch):
+    monkeypatch.setattr(server, "HEARTBEAT", 0.01)
+    response = client.get(f"/rooms/{room}/events", headers=bearer(token_for("Alice")))
+    body = iter(response.response)
+    assert next(body) == b"retry: 2000\n\n"
+    assert next(body) == b": keep-alive\n\n"
+    response.close()
+
+
+def test_presence_counts_open_streams_per_user(base, room, follow, monkeypatch):
+    monkeypatch.setattr(server, "HEARTBEAT", 0.05)  # a stream that lost its client notices soon
+    assert presence(base, room) == {}
+    alice = [follow(base, room, "Alice") for _ in range(2)]
+    follow(base, room, "Bob")
+    wait_until(lambda: presence(base, room) == {"Alice": 2, "Bob": 1})
+    alice[0].close()
+    wait_until(lambda: presence(base, room) == {"Alice": 1, "Bob": 1})
+
+
+def test_a_slow_subscriber_is_let_go_with_overflow(chat, client, room, monkeypatch):
+    monkeypatch.setitem(server.app.config, "QUEUE", 3)
+    headers = bearer(token_for("Slow"))
+    slow = client.get(f"/rooms/{room}/events", headers=headers)  # not read yet: it lags
+    inbox = next(iter(chat.inboxes[room]))
+    ids = [
+        client.post(f"/rooms/{room}/messages", json={"text": f"{n}"}, headers=headers).json["id"]
+        for n in range(8)
+    ]
+    wait_until(lambda: inbox not in chat.inboxes.get(room, {}))
+    assert inbox.qsize() == 4  # three messages and the overflow: no more, however many follow
+    events = SSEParser().feed(b"".join(slow.response).decode())
+    assert [e.id for e in events if e.type == "message"] == ids[:3]
+    assert events[-1].type == "overflow"
+    assert json.loads(events[-1].data) == {"last_id": ids[2]}
+    slow.close()
+    # It resumes from the history, with nothing lost.
+    resumed = client.get(f"/rooms/{room}/events", headers={**headers, "Last-Event-ID": ids[2]})
+    body = iter(resumed.response)
+    assert next(body) == b"retry: 2000\n\n"
+    assert [SSEParser().feed(next(body).decode())[0].id for _ in ids[3:]] == ids[3:]
+    resumed.close()
+
+
+@only_redis
+def test_redis_down_and_back(chat, base, room, follow, redis_server):
+    alice = follow(base, room, "Alice")
+    first = post(base, room, "before")
+    alice.wait_for(1)
+    redis_server.stop()
+    try:
+        alice.wait_for_end()
+        assert alice.error is None  # a clean end: the final chunk, after an `error` event
+        assert [e.type for e in alice.events] == ["message", "error"]
+        headers = bearer(token_for("Alice"))
+        posted = requests.post(
+            f"{base}/rooms/{room}/messages", json={"text": "x"}, headers=headers, timeout=WAIT
+        )
+        assert posted.status_code == 503, posted.text
+        assert posted.json() == {"error": "Redis is unavailable; try again in a moment"}
+        for path in ("events", "presence"):
+            answer = requests.get(f"{base}/rooms/{room}/{path}", headers=headers, timeout=WAIT)
+            assert answer.status_code == 503, answer.text
+    finally:
+        redis_server.start()
+    # Back, without a restart of ours: redis-py reconnects by itself. This Redis kept its
+    # data in memory only, so the history is gone, and a client that resumes hears so.
+    resumed = follow(base, room, "Alice", last_id=first)
+    later = post(base, room, "after")
+    resumed.wait_for(1)
+    assert [(e.type, e.id) for e in resumed.events] == [("reset", ""), ("message", later)]
+    assert json.loads(resumed.events[0].data) == {"first_id": None}
+
+
+# Bad input, through Flask's test client
+
+
+@only_in_process
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({}, "text must be"),
+        ({"text": ""}, "text must be"),
+        ({"text": " \n\t "}, "text must be"),
+        ({"text": "x" * 1001}, "text must be"),
+        ({"text": 5}, "text must be"),
+        ({"text": None}, "text must be"),
+        ('{"text": "\\ud800"}', "text must be"),
+        ("[]", "the body must be a JSON object"),
+        ("{", "the body must be a JSON object"),
+    ],
+)
+def test_bad_messages_get_400(client, body, error):
+    headers = bearer(token_for("Alice"))
+    if isinstance(body, dict):
+        response = client.post("/rooms/lobby/messages", json=body, headers=headers)
+    else:
+        headers["Content-Type"] = "application/json"
+        response = client.post("/rooms/lobby/messages", data=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json["error"].startswith(error)
+
+
+@only_in_process
+def test_the_longest_message_is_taken(client):
+    headers = bearer(token_for("Alice"))
+    longest = "😀" * 1000  # 12 bytes each once escaped as JSON: still under the body limit
+    response = client.post("/rooms/lobby/messages", json={"text": longest}, headers=headers)
+    assert response.status_code == 201, response.text
+    assert server.STREAM_ID.fullmatch(response.json["id"])
+
+
+@only_in_process
+def test_bodies_that_are_not_json_or_too_big(client):
+    headers = bearer(token_for("Alice"))
+    wrong_type = client.post("/rooms/lobby/messages", data="hi", headers=headers)
+    assert wrong_type.status_code == 415, wrong_type.text
+    huge = client.post("/rooms/lobby/messages", json={"text": "x" * 20_000}, headers=headers)
+    assert huge.status_code == 413, huge.text
+    assert huge.json["error"]
+
+
+@only_in_process
+@pytest.mark.parametrize("path", ["/messages", "/events", "/presence"])
+@pytest.mark.parametrize("name", ["bad%20room", "..", "x" * 65])
+def test_a_bad_room_gets_400(client, path, name):
+    method = client.post if path == "/messages" else client.get
+    response = method(f"/rooms/{name}{path}", json={"text": "hi"}, headers=bearer(token_for()))
+    assert response.status_code == 400, response.text
+    assert response.json["error"].startswith("room must be 1 to 64 characters")
+
+
+@only_in_process
+@pytest.mark.parametrize("last_id", ["x", "12", "1-2-3", "-1-0", "12345678901234567890-0", "1-"])
+def test_a_bad_last_event_id_gets_400(client, last_id):
+    headers = {**bearer(token_for()), "Last-Event-ID": last_id}
+    response = client.get("/rooms/lobby/events", headers=headers)
+    assert response.status_code == 400
+    assert response.json == {"error": "Last-Event-ID must be the id of an event this server sent"}
+
+
+@only_in_process
+@pytest.mark.parametrize("path", ["/rooms/lobby/events", "/rooms/lobby/presence"])
+def test_every_room_route_needs_a_token(client, path):
+    missing = client.get(path)
+    assert missing.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="streams"'
+    for token in ("a.b.c", token_for(typ=None), token_for(key=b"another key " * 6)):
+        refused = client.get(path, headers=bearer(token))
+        assert refused.status_code == 401
+        assert 'error="invalid_token"' in refused.headers["WWW-Authenticate"]
+    posted = client.post("/rooms/lobby/messages", json={"text": "hi"})
+    assert posted.status_code == 401
+
+
+@only_in_process
+def test_tokens_are_minted_as_in_step_3(client):
+    minted = client.post("/generate_token", json={"user_id": "Bob"})
+    assert minted.status_code == 200, minted.text
+    token = minted.json["access_token"]
+    posted = client.post("/rooms/lobby/messages", json={"text": "hi"}, headers=bearer(token))
+    assert posted.status_code == 201, posted.text
+    assert client.post("/generate_token", json={"user_id": ".."}).status_code == 400
+
+
+@only_in_process
+def test_the_page_is_served(client):
+    with client.get("/") as response:  # closing it closes the file it was sent from
+        assert response.mimetype == "text/html"
+        assert "fetch(" in response.text
+        assert "Authorization" in response.text
+
+
+def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, redis_server):
+    caplog.set_level("INFO")
+    monkeypatch.delitem(server.app.extensions, "chat", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    server.broker()
+    assert "REDIS_URL is unset: rooms live in this process, which serves them alone" in caplog.text
+    park(server.app.extensions.pop("chat"))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    server.broker()
+    assert "rooms are in Redis: every process that shares it serves them" in caplog.text
+    park(server.app.extensions["chat"])
+
+
+def test_a_history_below_one_is_refused_at_start():
+    command = [sys.executable, "stream_server_chat.py", "--history", "0"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 2
+    assert "--history must be at least 1" in result.stderr
+
+
+# The client, against the server in this process
+
+
+@only_in_process
+def test_client_says_one_message(base, room, follow, capsys):
+    alice = follow(base, room, "Alice")
+    assert chat_client.main(["--url", base, "--room", room, "--user", "Bob", "--say", "hi"]) == 0
+    assert [(m["user"], m["text"]) for m in alice.wait_for(1)] == [("Bob", "hi")]
+    assert capsys.readouterr().out == ""
+
+
+@only_in_process
+def test_client_posts_each_typed_line(base, room, follow, monkeypatch):
+    alice = follow(base, room, "Alice")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n   \nworld\r\n"))
+    chat_client.post_lines(base, room, "Bob")
+    assert [m["text"] for m in alice.wait_for(2)] == ["hello", "world"]
+
+
+def test_client_prints_each_event_on_one_line(monkeypatch, capsys):
+    message = {"id": "1-0", "user": "Alice", "text": "hi", "time": 1_700_000_000}
+    events = [
+        Event("message", json.dumps(message), "1-0"),
+        Event("reset", '{"first_id": "5-0"}', "1-0"),
+        Event("overflow", '{"last_id": "7-0"}', "7-0"),
+        Event("error", '{"error": "Redis is unavailable"}', "7-0"),
+    ]
+    monkeypatch.setattr(chat_client, "follow", lambda *where: iter(events))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert chat_client.main(["--room", "lobby", "--user", "Bob"]) == 0
+    at = datetime.fromtimestamp(1_700_000_000).strftime("%H:%M:%S")
+    assert capsys.readouterr().out.splitlines() == [
+        f"{at} Alice: hi",
+        '(reset: {"first_id": "5-0"})',
+        '(overflow: {"last_id": "7-0"})',
+        '(error: {"error": "Redis is unavailable"})',
+    ]
+
+
+class ClientThread:
+    """stream_client_chat.follow() in a thread of its own; its events (or the error it ends
+    with) in a queue."""
+
+    def __init__(self, base: str, room: str, user: str) -> None:
+        self.got: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, args=(base, room, user), daemon=True).start()
+
+    def _run(self, *where) -> None:
+        try:
+            for event in chat_client.follow(*where):
+                self.got.put(event)
+        except chat_client.StreamError as error:
+            self.got.put(error)
+
+    def next(self):
+        return self.got.get(timeout=WAIT)
+
+    def stop(self, chat, room: str, monkeypatch) -> None:
+        """End the stream, and the client gives up: nothing of it outlives the test."""
+        monkeypatch.setattr(chat_client, "RECONNECTS", 0)
+        end_streams(chat, room, "error")
+        assert self.next().type == "error"
+        assert str(self.next()) == "the server ended the stream, and 0 reconnections failed"
+
+
+def end_streams(chat, room: str, reason: str) -> None:
+    """End the room's streams in this process as the server does, with `reason` last."""
+    wait_until(lambda: chat.inboxes.get(room))
+    with chat.lock:
+        for inbox in list(chat.inboxes[room]):
+            chat.end(room, inbox, reason)
+
+
+@only_in_process
+def test_client_resumes_whenever_its_stream_ends(chat, base, room, monkeypatch, capsys):
+    monkeypatch.setattr(server, "RETRY_MS", 10)
+    carol = ClientThread(base, room, "Carol")
+    wait_until(lambda: presence(base, room) == {"Carol": 1})
+    first = post(base, room, "one")
+    assert carol.next().id == first
+    end_streams(chat, room, "overflow")
+    assert carol.next().type == "overflow"
+    second = post(base, room, "two")  # before or after it is back: it comes once, either way
+    assert (carol.next().type, carol.got.qsize()) == ("message", 0)
+    end_streams(chat, room, "error")
+    assert carol.next().type == "error"
+    third = post(base, room, "three")
+    assert carol.next().id == third
+    out = capsys.readouterr().out
+    assert out == (
+        f"(the server ended the stream; resuming after event {first} in 0.01s)\n"
+        f"(the server ended the stream; resuming after event {second} in 0.01s)\n"
+    )
+    carol.stop(chat, room, monkeypatch)
+
+
+@only_in_process
+def test_client_waits_longer_after_each_503(chat, base, room, monkeypatch, capsys):
+    waits: list[float] = []
+    monkeypatch.setattr(chat_client, "time", SimpleNamespace(sleep=waits.append, time=time.time))
+    outages = iter([True, True, False])
+
+    def broker():  # Redis out of reach twice, then back
+        if next(outages, False):
+            raise redis.ConnectionError("Connection refused")
+        return chat
+
+    monkeypatch.setattr(server, "broker", broker)
+    carol = ClientThread(base, room, "Carol")
+    wait_until(lambda: chat.inboxes.get(room))
+    posted = post(base, room, "made it")
+    assert carol.next().id == posted
+    assert waits == [2, 4]
+    assert capsys.readouterr().out == (
+        "(the server cannot reach Redis; resuming after event none in 2s)\n"
+        "(the server cannot reach Redis; resuming after event none in 4s)\n"
+    )
+    carol.stop(chat, room, monkeypatch)
+
+
+@only_in_process
+def test_client_reports_bad_input_and_a_missing_server(base, capsys):
+    assert chat_client.main(["--url", base, "--room", "bad room", "--say", "hi"]) == 1
+    assert capsys.readouterr().err.startswith("error: server answered 400: room must be")
+    url = f"http://127.0.0.1:{free_port()}"
+    assert chat_client.main(["--url", url, "--say", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot connect to {url}: is the server running?\n"
+    )
+    monkeypatch_stdin = io.StringIO("")
+    sys_stdin, sys.stdin = sys.stdin, monkeypatch_stdin
+    try:
+        assert chat_client.main(["--url", url]) == 1
+    finally:
+        sys.stdin = sys_stdin
+    assert capsys.readouterr().err == (
+        f"error: cannot connect to {url}/rooms/lobby/events: is the server running? "
+        "Start it with: python stream_server_chat.py\n"
+    )
+
+
+# Two gunicorn -k gevent instances sharing one real Redis: what no single process can show
+
+
+class Instance:
+    """`gunicorn -k gevent` running the chat step in one worker, on a free loopback port,
+    with REDIS_URL; stopped, or killed with SIGKILL, by its own process group id."""
+
+    def __init__(self, redis_url: str, presence_ttl: int = 2) -> None:
+        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", "gevent"]
+        command += ["-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "1"]
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": redis_url}
+        # A short bound for presence, so that a dead instance drops out within the test.
+        env["CHAT_PRESENCE_TTL"] = str(presence_ttl)
+        self.process = subprocess.Popen(
+            [*command, "stream_server_chat:app"], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        self._url = ""
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    @property
+    def url(self) -> str:
+        """The base URL, once gunicorn says where it listens."""
+        while not self._url:
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                raise AssertionError(f"gunicorn never listened:\n{''.join(self.log)}") from None
+            self.log.append(line)
+            if match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line):
+                self._url = match.group(1)
+        return self._url
+
+    def logged(self, text: str) -> bool:
+        """Whether the instance has logged `text` so far; does not wait."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return any(text in line for line in self.log)
+
+    def kill(self) -> None:
+        """SIGKILL to master and worker at once: no cleanup, as when a host dies."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def instances(redis_server):
+    """Two instances, A and B, that share the one Redis."""
+    started = [Instance(redis_server.url) for _ in range(2)]
+    try:
+        yield [instance.url for instance in started]
+    finally:
+        for instance in started:
+            instance.process.terminate()  # both at once, then wait for each
+        for instance in started:
+            instance.stop()
+
+
+def test_fan_out_across_instances(instances, room, follow):
+    # 2 x 25 subscribers, and 4 posters (two on each instance) of 50 messages each, at once.
+    followers = [follow(url, room, f"Reader{n}") for url in instances for n in range(25)]
+    sent = {poster: [f"{poster}: {n}" for n in range(50)] for poster in range(4)}
+
+    def post_all(poster: int) -> None:
+        for text in sent[poster]:
+            post(instances[poster % 2], room, text, user=f"Poster{poster}")
+
+    posters = [threading.Thread(target=post_all, args=(poster,)) for poster in sent]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join(WAIT)
+    first = followers[0].wait_for(200)
+    assert len(first) == 200
+    assert in_order([m["id"] for m in first])
+    for poster, texts in sent.items():  # each poster's messages, all there, in its order
+        assert [m["text"] for m in first if m["user"] == f"Poster{poster}"] == texts
+    for follower in followers[1:]:
+        assert follower.wait_for(200) == first  # every message exactly once, in one order
+
+
+def test_resume_on_another_instance(instances, room, follow):
+    a, b = instances
+    on_a = follow(a, room)
+    ids = [post(b, room, f"message {n}") for n in range(3)]
+    assert on_a.wait_for(3)[-1]["id"] == ids[-1]
+    on_a.close()  # the connection drops; meanwhile the room goes on
+    ids += [post(a, room, f"message {n}") for n in range(3, 5)]
+    on_b = follow(b, room, last_id=ids[2])
+    later = post(a, room, "live")
+    assert on_b.wait_for(3) == on_b.messages()
+    assert on_b.ids() == [*ids[3:], later]  # no gap, no duplicate
+    assert [e.type for e in on_b.events] == ["message"] * 3
+
+
+def test_an_id_older_than_the_history_gets_a_reset_on_any_instance(
+    instances, room, follow, redis_server
+):
+    ids = [post(instances[0], room, f"message {n}") for n in range(4)]
+    store = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with store:
+        store.xtrim(f"chat:{room}", maxlen=1, approximate=False)
+    resumed = follow(instances[1], room, last_id=ids[0])
+    resumed.wait_for(1)
+    assert [(e.type, e.id) for e in resumed.events] == [("reset", ""), ("message", ids[3])]
+    assert json.loads(resumed.events[0].data) == {"first_id": ids[3]}
+
+
+def test_presence_counts_every_instance_and_forgets_a_dead_one(
+    instances, redis_server, room, follow
+):
+    a, doomed = instances[0], Instance(redis_server.url, presence_ttl=1)
+    try:
+        for _ in range(2):
+            follow(a, room, "Alice")
+        follow(doomed.url, room, "Bob")
+        for url in (a, doomed.url):
+            wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
+        doomed.kill()
+        killed = time.monotonic()
+        wait_until(lambda: presence(a, room) == {"Alice": 2})
+        # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
+        # for a busy machine.
+        assert time.monotonic() - killed < 1 + 3
+    finally:
+        doomed.stop()
+
+
+def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_server):
+    followers = [follow(url, room) for url in instances]
+    first = post(instances[0], room, "before")
+    for follower in followers:
+        follower.wait_for(1)
+    redis_server.stop()
+    try:
+        for follower in followers:
+            follower.wait_for_end()
+            assert follower.error is None  # the final chunk came: a clean end
+            assert [e.type for e in follower.events] == ["message", "error"]
+        for url in instances:
+            refused = requests.post(
+                f"{url}/rooms/{room}/messages", json={"text": "lost?"},
+                headers=bearer(token_for("Alice")), timeout=WAIT,
+            )
+            assert refused.status_code == 503, refused.text
+            assert refused.json() == {"error": "Redis is unavailable; try again in a moment"}
+    finally:
+        redis_server.start()
+    resumed = [follow(url, room, last_id=first) for url in instances]
+    later = post(instances[1], room, "after")
+    for follower in resumed:
+        follower.wait_for(1)
+        assert [(e.type, e.id) for e in follower.events] == [("reset", ""), ("message", later)]
+
+
+# Through nginx (deploy/nginx.conf) in front of both instances
+
+
+@pytest.fixture
+def nginx_in_front(request):
+    """nginx(port, other_port): deploy/nginx.conf in front of two instances, as the `nginx`
+    fixture of tests/conftest.py starts it; skipped where that fixture is not there yet."""
+    try:
+        return request.getfixturevalue("nginx")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the nginx fixture of tests/conftest.py, and deploy/nginx.conf")
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_through_nginx_each_message_arrives_as_it_is_posted(
+    instances, nginx_in_front, room, follow
+):
+    proxy = nginx_in_front(*(port_of(url) for url in instances))
+    follower = follow(proxy.url, room)
+    for n in range(3):
+        # The next is posted only once this one has arrived: nothing waits in a buffer.
+        posted = post(instances[n % 2], room, f"message {n}")
+        assert follower.wait_for(n + 1)[-1]["id"] == posted
+
+
+def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
+    redis_server, nginx_in_front, room
+):
+    both = [Instance(redis_server.url) for _ in range(2)]
+    walker = reader = None
+    try:
+        proxy = nginx_in_front(*(port_of(instance.url) for instance in both))
+        # The client itself, as a reader runs it (stdin stays open: it posts nothing).
+        command = [sys.executable, "stream_client_chat.py", "--url", proxy.url, "--room", room]
+        walker = subprocess.Popen(
+            [*command, "--user", "Walker"], cwd=ROOT, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        printed: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [printed.put(line) for line in walker.stdout])
+        reader.start()
+        wait_until(lambda: any(i.logged(f"Walker in {room} started") for i in both))
+        doomed, survivor = sorted(both, key=lambda i: not i.logged(f"Walker in {room} started"))
+        first = post(survivor.url, room, "before", user="Bob")
+        assert printed.get(timeout=WAIT).endswith(" Bob: before\n")
+        doomed.kill()
+        for n in range(2):
+            post(survivor.url, room, f"while away {n}", user="Bob")
+        # The client sees its connection break, waits the server's retry (2 s) and reconnects
+        # through nginx, which finds the dead instance refusing and passes it to the other.
+        post(survivor.url, room, "after", user="Bob")
+        lines = [printed.get(timeout=WAIT) for _ in range(4)]
+        assert lines[0] == f"(the connection was lost; resuming after event {first} in 2s)\n"
+        assert [line.split(" ", 1)[1] for line in lines[1:]] == [
+            "Bob: while away 0\n", "Bob: while away 1\n", "Bob: after\n"  # no gap, no duplicate
+        ]
+    finally:
+        if walker:
+            walker.kill()
+            walker.wait(WAIT)
+        if reader:
+            reader.join(WAIT)
+        if walker:
+            walker.stdin.close()
+            walker.stdout.close()
+        for instance in both:
+            instance.stop()
+
+
+# The page in headless Chromium
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's headless Chromium, started as tests/test_browser.py starts it."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI {message}; .ci/run installs them")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    with tempfile.TemporaryDirectory() as profile:
+        for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        yield driver
+        driver.quit()
+
+
+def shown(page) -> list[tuple[str, str]]:
+    """The messages a window shows: (user, text), in its order."""
+    rows = page.find_elements(By.CSS_SELECTOR, "#messages li[data-id]")
+    return [(row.get_attribute("data-user"), row.find_element(By.CLASS_NAME, "text").text)
+            for row in rows]
+
+
+def notes(page) -> list[str]:
+    return [note.text for note in page.find_elements(By.CSS_SELECTOR, "#messages li.note")]
+
+
+def page_says(page, text: str) -> None:
+    box = page.find_element(By.ID, "say-text")
+    box.send_keys(text)
+    page.find_element(By.ID, "say").click()
+
+
+def wait_in_page(page, condition, what: str):
+    return WebDriverWait(page, WAIT, poll_frequency=0.02).until(
+        lambda _: condition(), message=f"the page never showed {what}"
+    )
+
+
+def joined(page, url: str, room: str, user: str) -> None:
+    page.get(f"{url}/?room={room}&user={user}")
+    status = page.find_element(By.ID, "status")
+    wait_in_page(page, lambda: status.text == f"in {room} as {user}", f"{user} joined")
+
+
+def test_two_windows_on_two_instances_see_each_others_messages(instances, chromium, room):
+    joined(chromium, instances[0], room, "Alice")
+    alice = chromium.current_window_handle
+    chromium.switch_to.new_window("window")
+    joined(chromium, instances[1], room, "Bob")
+    bob = chromium.current_window_handle
+    page_says(chromium, "hello from B")
+    chromium.switch_to.window(alice)
+    wait_in_page(chromium, lambda: shown(chromium) == [("Bob", "hello from B")], "Bob's message")
+    page_says(chromium, "hello from A")
+    expected = [("Bob", "hello from B"), ("Alice", "hello from A")]
+    wait_in_page(chromium, lambda: shown(chromium) == expected, "Alice's message")
+    chromium.switch_to.window(bob)
+    wait_in_page(chromium, lambda: shown(chromium) == expected, "both messages, in one order")
+    chromium.close()
+    chromium.switch_to.window(alice)
+
+
+@only_in_process
+def test_the_page_resumes_after_the_stream_ends(chat, base, chromium, room, monkeypatch):
+    monkeypatch.setattr(server, "RETRY_MS", 50)
+    joined(chromium, base, room, "Alice")
+    post(base, room, "one", user="Bob")
+    wait_in_page(chromium, lambda: shown(chromium) == [("Bob", "one")], "the first message")
+    end_streams(chat, room, "error")  # as when the server loses Redis
+    post(base, room, "two", user="Bob")  # while the page may still be away
+    expected = [("Bob", "one"), ("Bob", "two")]
+    wait_in_page(chromium, lambda: shown(chromium) == expected, "both, once each")
+    assert notes(chromium)[:1] == ["the server lost Redis: trying again"]
+    assert notes(chromium)[1].startswith("the server ended the stream: resuming after ")
+
+
+@only_redis
+def test_screenshot_of_the_page(chat, base, chromium, follow, monkeypatch):
+    """For people to look at (test-artifacts/chat_page.png): a conversation, with one
+    stream that ended and resumed."""
+    monkeypatch.setattr(server, "RETRY_MS", 300)
+    room = "lobby"
+    joined(chromium, base, room, "Alice")
+    post(base, room, "Hi Alice! I am posting from a terminal.", user="Bob")
+    wait_in_page(chromium, lambda: len(shown(chromium)) == 1, "Bob's message")
+    page_says(chromium, "Hi Bob! Yours came through Redis, like every message.")
+    wait_in_page(chromium, lambda: len(shown(chromium)) == 2, "Alice's message")
+    end_streams(chat, room, "error")
+    follow(base, room, "Bob")  # Bob is here too, for the presence line
+    post(base, room, "Redis was away a moment. Did you miss this one?", user="Bob")
+    wait_in_page(chromium, lambda: len(shown(chromium)) == 3, "the message sent meanwhile")
+    page_says(chromium, "No: the page resumed after the last message it had.")
+    wait_in_page(chromium, lambda: len(shown(chromium)) == 4, "the last message")
+    here = chromium.find_element(By.ID, "presence")
+    wait_in_page(chromium, lambda: here.text == "here: Alice, Bob", "who is here")
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    assert chromium.save_screenshot(str(artifacts / "chat_page.png"))
