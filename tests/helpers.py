@@ -55,3 +55,8 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def port_of(url: str) -> int:
+    """The port of a base URL such as http://127.0.0.1:5000."""
+    return int(url.rsplit(":", 1)[1])

@@ -20,7 +20,7 @@ import stream_server
 import stream_server_multiuser
 import stream_server_sse
 import stream_server_websocket
-from helpers import TEST_KEY, WAIT, free_port, wait_until
+from helpers import TEST_KEY, WAIT, free_port, port_of, wait_until
 from stream_client_sse import Event
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="nginx and gunicorn: Linux, macOS")
@@ -31,9 +31,6 @@ HALF_A_REQUEST_LINE = b"GET /stream?count=3 HT"
 # chance (a blocked server never answers); it shows the problem and times nothing.
 BLOCKED = 1.0
 
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
-from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_until
+from helpers import TEST_KEY, WAIT, bearer, free_port, port_of, token_for, wait_until
 from stream_client_chat import Event, SSEParser
 from test_browser import CHROMEDRIVER, CHROMIUM, FLAGS
 
@@ -807,24 +807,11 @@ def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_se
 # Through nginx (deploy/nginx.conf) in front of both instances
 
 
-@pytest.fixture
-def nginx_in_front(request):
-    """nginx(port, other_port): deploy/nginx.conf in front of two instances, as the `nginx`
-    fixture of tests/conftest.py starts it; skipped where that fixture is not there yet."""
-    try:
-        return request.getfixturevalue("nginx")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the nginx fixture of tests/conftest.py, and deploy/nginx.conf")
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
 
 def test_through_nginx_each_message_arrives_as_it_is_posted(
-    instances, nginx_in_front, room, follow
+    instances, nginx, room, follow
 ):
-    proxy = nginx_in_front(*(port_of(url) for url in instances))
+    proxy = nginx(*(port_of(url) for url in instances))
     follower = follow(proxy.url, room)
     for n in range(3):
         # The next is posted only once this one has arrived: nothing waits in a buffer.
@@ -833,12 +820,12 @@ def test_through_nginx_each_message_arrives_as_it_is_posted(
 
 
 def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
-    redis_server, nginx_in_front, room
+    redis_server, nginx, room
 ):
     both = [Instance(redis_server.url) for _ in range(2)]
     walker = reader = None
     try:
-        proxy = nginx_in_front(*(port_of(instance.url) for instance in both))
+        proxy = nginx(*(port_of(instance.url) for instance in both))
         # The client itself, as a reader runs it (stdin stays open: it posts nothing).
         command = [sys.executable, "stream_client_chat.py", "--url", proxy.url, "--room", room]
         walker = subprocess.Popen(
