@@ -1,8 +1,12 @@
 """Fixtures shared by every step's tests: a real server on a free port, stand-ins for a
-server's sleep() (a gate, a recorder, a dropped connection), and a throwaway CA."""
+server's sleep() (a gate, a recorder, a dropped connection), a throwaway CA, and the real
+programs the tests start: redis-server, nginx, gunicorn and headless Chromium."""
 
 import itertools
+import os
+import shutil
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +15,8 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import trustme
 from flask import Flask
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 from werkzeug.serving import make_server
 
 from helpers import WAIT
@@ -190,3 +196,38 @@ def gunicorn() -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for server in started:
         server.stop()  # does nothing to a server the test has stopped already
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# Debian's chromium, started the way that works on a machine with no network and no screen.
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,900",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    """Debian's headless Chromium, driven by selenium (.ci/run installs it when missing)."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI {message}; .ci/run installs them")
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    with tempfile.TemporaryDirectory() as profile:
+        for flag in [*FLAGS, f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        yield driver
+        driver.quit()

@@ -1,13 +1,8 @@
 """Step 4's page in a real headless Chromium, against a live server on a free loopback port."""
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -17,40 +12,6 @@ from helpers import WAIT
 pytestmark = pytest.mark.step(server)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-# Debian's chromium, started the way that works on a machine with no network and no screen.
-FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1200,900",
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI {message}; .ci/run installs them")
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    with tempfile.TemporaryDirectory() as profile:
-        for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-        yield driver
-        driver.quit()
-
-
 def wait_for(browser, condition, what: str):
     return WebDriverWait(browser, WAIT, poll_frequency=0.02).until(
         lambda _: condition(), message=f"the page never showed {what}"

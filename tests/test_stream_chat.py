@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -25,8 +24,6 @@ from types import SimpleNamespace
 import pytest
 import redis
 import requests
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,7 +32,6 @@ import stream_client_chat as chat_client
 import stream_server_chat as server
 from helpers import TEST_KEY, WAIT, bearer, free_port, port_of, token_for, wait_until
 from stream_client_chat import Event, SSEParser
-from test_browser import CHROMEDRIVER, CHROMIUM, FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -867,24 +863,6 @@ def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
 # The page in headless Chromium
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    """Debian's headless Chromium, started as tests/test_browser.py starts it."""
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI {message}; .ci/run installs them")
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    with tempfile.TemporaryDirectory() as profile:
-        for flag in [*FLAGS, f"--user-data-dir={profile}"]:
-            options.add_argument(flag)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-        yield driver
-        driver.quit()
-
-
 def shown(page) -> list[tuple[str, str]]:
     """The messages a window shows: (user, text), in its order."""
     rows = page.find_elements(By.CSS_SELECTOR, "#messages li[data-id]")
@@ -914,57 +892,57 @@ def joined(page, url: str, room: str, user: str) -> None:
     wait_in_page(page, lambda: status.text == f"in {room} as {user}", f"{user} joined")
 
 
-def test_two_windows_on_two_instances_see_each_others_messages(instances, chromium, room):
-    joined(chromium, instances[0], room, "Alice")
-    alice = chromium.current_window_handle
-    chromium.switch_to.new_window("window")
-    joined(chromium, instances[1], room, "Bob")
-    bob = chromium.current_window_handle
-    page_says(chromium, "hello from B")
-    chromium.switch_to.window(alice)
-    wait_in_page(chromium, lambda: shown(chromium) == [("Bob", "hello from B")], "Bob's message")
-    page_says(chromium, "hello from A")
+def test_two_windows_on_two_instances_see_each_others_messages(instances, browser, room):
+    joined(browser, instances[0], room, "Alice")
+    alice = browser.current_window_handle
+    browser.switch_to.new_window("window")
+    joined(browser, instances[1], room, "Bob")
+    bob = browser.current_window_handle
+    page_says(browser, "hello from B")
+    browser.switch_to.window(alice)
+    wait_in_page(browser, lambda: shown(browser) == [("Bob", "hello from B")], "Bob's message")
+    page_says(browser, "hello from A")
     expected = [("Bob", "hello from B"), ("Alice", "hello from A")]
-    wait_in_page(chromium, lambda: shown(chromium) == expected, "Alice's message")
-    chromium.switch_to.window(bob)
-    wait_in_page(chromium, lambda: shown(chromium) == expected, "both messages, in one order")
-    chromium.close()
-    chromium.switch_to.window(alice)
+    wait_in_page(browser, lambda: shown(browser) == expected, "Alice's message")
+    browser.switch_to.window(bob)
+    wait_in_page(browser, lambda: shown(browser) == expected, "both messages, in one order")
+    browser.close()
+    browser.switch_to.window(alice)
 
 
 @only_in_process
-def test_the_page_resumes_after_the_stream_ends(chat, base, chromium, room, monkeypatch):
+def test_the_page_resumes_after_the_stream_ends(chat, base, browser, room, monkeypatch):
     monkeypatch.setattr(server, "RETRY_MS", 50)
-    joined(chromium, base, room, "Alice")
+    joined(browser, base, room, "Alice")
     post(base, room, "one", user="Bob")
-    wait_in_page(chromium, lambda: shown(chromium) == [("Bob", "one")], "the first message")
+    wait_in_page(browser, lambda: shown(browser) == [("Bob", "one")], "the first message")
     end_streams(chat, room, "error")  # as when the server loses Redis
     post(base, room, "two", user="Bob")  # while the page may still be away
     expected = [("Bob", "one"), ("Bob", "two")]
-    wait_in_page(chromium, lambda: shown(chromium) == expected, "both, once each")
-    assert notes(chromium)[:1] == ["the server lost Redis: trying again"]
-    assert notes(chromium)[1].startswith("the server ended the stream: resuming after ")
+    wait_in_page(browser, lambda: shown(browser) == expected, "both, once each")
+    assert notes(browser)[:1] == ["the server lost Redis: trying again"]
+    assert notes(browser)[1].startswith("the server ended the stream: resuming after ")
 
 
 @only_redis
-def test_screenshot_of_the_page(chat, base, chromium, follow, monkeypatch):
+def test_screenshot_of_the_page(chat, base, browser, follow, monkeypatch):
     """For people to look at (test-artifacts/chat_page.png): a conversation, with one
     stream that ended and resumed."""
     monkeypatch.setattr(server, "RETRY_MS", 300)
     room = "lobby"
-    joined(chromium, base, room, "Alice")
+    joined(browser, base, room, "Alice")
     post(base, room, "Hi Alice! I am posting from a terminal.", user="Bob")
-    wait_in_page(chromium, lambda: len(shown(chromium)) == 1, "Bob's message")
-    page_says(chromium, "Hi Bob! Yours came through Redis, like every message.")
-    wait_in_page(chromium, lambda: len(shown(chromium)) == 2, "Alice's message")
+    wait_in_page(browser, lambda: len(shown(browser)) == 1, "Bob's message")
+    page_says(browser, "Hi Bob! Yours came through Redis, like every message.")
+    wait_in_page(browser, lambda: len(shown(browser)) == 2, "Alice's message")
     end_streams(chat, room, "error")
     follow(base, room, "Bob")  # Bob is here too, for the presence line
     post(base, room, "Redis was away a moment. Did you miss this one?", user="Bob")
-    wait_in_page(chromium, lambda: len(shown(chromium)) == 3, "the message sent meanwhile")
-    page_says(chromium, "No: the page resumed after the last message it had.")
-    wait_in_page(chromium, lambda: len(shown(chromium)) == 4, "the last message")
-    here = chromium.find_element(By.ID, "presence")
-    wait_in_page(chromium, lambda: here.text == "here: Alice, Bob", "who is here")
+    wait_in_page(browser, lambda: len(shown(browser)) == 3, "the message sent meanwhile")
+    page_says(browser, "No: the page resumed after the last message it had.")
+    wait_in_page(browser, lambda: len(shown(browser)) == 4, "the last message")
+    here = browser.find_element(By.ID, "presence")
+    wait_in_page(browser, lambda: here.text == "here: Alice, Bob", "who is here")
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    assert chromium.save_screenshot(str(artifacts / "chat_page.png"))
+    assert browser.save_screenshot(str(artifacts / "chat_page.png"))
