@@ -1,5 +1,6 @@
 """Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -60,3 +61,21 @@ def wait_until(condition: Callable[[], bool]) -> None:
 def port_of(url: str) -> int:
     """The port of a base URL such as http://127.0.0.1:5000."""
     return int(url.rsplit(":", 1)[1])
+
+
+# Step 5's WebSocket messages are JSON objects, each with a "type".
+
+
+def receive(ws) -> dict:
+    return json.loads(ws.recv())
+
+
+def send(ws, **command) -> None:
+    ws.send(json.dumps(command))
+
+
+def next_of_type(ws, kind: str) -> dict:
+    """Read on until a message of this type; chunks in flight may come before it."""
+    while (message := receive(ws))["type"] != kind:
+        assert message["type"] == "chunk", message
+    return message

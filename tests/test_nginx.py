@@ -3,7 +3,6 @@ Sent Events and WebSockets pass through it as they are made, idle connections th
 gunicorn's gthread worker stop nobody, and two app instances share the load and cover for each
 other. nginx runs the file itself, its addresses rewritten to free ports (tests/services.py)."""
 
-import json
 import os
 import socket
 import sys
@@ -20,7 +19,7 @@ import stream_server
 import stream_server_multiuser
 import stream_server_sse
 import stream_server_websocket
-from helpers import TEST_KEY, WAIT, free_port, port_of, wait_until
+from helpers import TEST_KEY, WAIT, free_port, next_of_type, port_of, receive, send, wait_until
 from stream_client_sse import Event
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="nginx and gunicorn: Linux, macOS")
@@ -104,21 +103,6 @@ def test_each_event_passes_through_before_the_next_exists(serve, nginx, gate, mo
 
 
 # WebSockets: the upgrade reaches the app
-
-
-def receive(ws) -> dict:
-    return json.loads(ws.recv())
-
-
-def send(ws, **command) -> None:
-    ws.send(json.dumps(command))
-
-
-def next_of_type(ws, kind: str) -> dict:
-    """Read on until a message of this type; chunks in flight may come before it."""
-    while (message := receive(ws))["type"] != kind:
-        assert message["type"] == "chunk", message
-    return message
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import stream_client_websocket as ws_client
 import stream_server as step_1_server
 import stream_server_multiuser_secure as step_3_server
 import stream_server_websocket as server
-from helpers import TEST_KEY, WAIT, free_port, token_for, wait_until
+from helpers import TEST_KEY, WAIT, free_port, next_of_type, receive, send, token_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDSHAKE = {
@@ -65,21 +65,6 @@ def open_ws(base_url: str, query: str = "count=1000&interval=0.05", token: str |
     return websocket.create_connection(
         url, header=[f"Authorization: Bearer {token or token_for()}"], timeout=WAIT
     )
-
-
-def receive(ws) -> dict:
-    return json.loads(ws.recv())
-
-
-def send(ws, **command) -> None:
-    ws.send(json.dumps(command))
-
-
-def next_of_type(ws, kind: str) -> dict:
-    """Read on until a message of this type; chunks in flight may come before it."""
-    while (message := receive(ws))["type"] != kind:
-        assert message["type"] == "chunk", message
-    return message
 
 
 def test_a_stream_of_chunks_then_the_end(base_url):
