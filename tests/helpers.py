@@ -1,12 +1,17 @@
 """Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jwt
 
+ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the most any test waits for something that should happen at once
 # The signing key of the token steps' tests: 64 bytes or more, so that PyJWT accepts
 # it for HS512 forgeries too.
@@ -62,6 +67,17 @@ def port_of(url: str) -> int:
     """The port of a base URL such as http://127.0.0.1:5000."""
     return int(url.rsplit(":", 1)[1])
 
+
+
+def only_help(script: str) -> bool:
+    """Whether `python script --help`, with no JWT_SECRET_KEY set, prints its usage and
+    nothing else: a step does nothing a reader sees at import, before they asked."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JWT_SECRET_KEY", "REDIS_URL")}
+    command = [sys.executable, script, "--help"]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT
+    )
+    return result.returncode == 0 and result.stdout.startswith("usage:") and not result.stderr
 
 # Step 5's WebSocket messages are JSON objects, each with a "type".
 

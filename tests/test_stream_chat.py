@@ -30,7 +30,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
-from helpers import TEST_KEY, WAIT, bearer, free_port, port_of, token_for, wait_until
+from helpers import TEST_KEY, WAIT, bearer, free_port, only_help, port_of, token_for, wait_until
 from stream_client_chat import Event, SSEParser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -946,3 +946,8 @@ def test_screenshot_of_the_page(chat, base, browser, follow, monkeypatch):
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(artifacts / "chat_page.png"))
+
+
+def test_help_prints_only_the_help():
+    # Nothing happens at import: no warning about the key before the reader asked for help.
+    assert only_help("stream_server_chat.py")

@@ -25,7 +25,7 @@ import stream_server as step_1_server
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
 import stream_server_websocket as websocket_server
-from helpers import TEST_KEY, WAIT, bearer, free_port, token_for, wait_until
+from helpers import TEST_KEY, WAIT, bearer, free_port, only_help, token_for, wait_until
 
 pytestmark = pytest.mark.step(server)
 
@@ -648,3 +648,8 @@ def test_under_gunicorn_a_refresh_token_works_once_across_workers_and_restarts(t
         assert fresh.status_code == 200, fresh.text
     finally:
         gunicorn.stop()
+
+
+def test_help_prints_only_the_help():
+    # Nothing happens at import: no warning about the key before the reader asked for help.
+    assert only_help("stream_server_multiuser_refresh.py")

@@ -23,7 +23,17 @@ import stream_client_websocket as ws_client
 import stream_server as step_1_server
 import stream_server_multiuser_secure as step_3_server
 import stream_server_websocket as server
-from helpers import TEST_KEY, WAIT, free_port, next_of_type, receive, send, token_for, wait_until
+from helpers import (
+    TEST_KEY,
+    WAIT,
+    free_port,
+    next_of_type,
+    only_help,
+    receive,
+    send,
+    token_for,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDSHAKE = {
@@ -478,3 +488,8 @@ def test_typed_commands_become_json():
         "command": "interval",
         "seconds": "soon",
     }
+
+
+def test_help_prints_only_the_help():
+    # Nothing happens at import: no warning about the key before the reader asked for help.
+    assert only_help("stream_server_websocket.py")
