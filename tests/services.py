@@ -19,9 +19,7 @@ from pathlib import Path
 
 import redis
 
-from helpers import TEST_KEY, WAIT, free_port, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, TEST_KEY, WAIT, free_port, wait_until
 
 
 class RedisServer:

@@ -2,15 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import stream_server_multiuser
 import stream_server_sse
-from helpers import WAIT
+from helpers import ROOT, WAIT
 
-ROOT = Path(__file__).resolve().parent.parent
 LINES = [f"chunk {n} of 3 for User{u}\n" for u in (1, 2, 3) for n in (1, 2, 3)]
 
 

@@ -3,17 +3,14 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jwt
 import pytest
 import requests
 
 import show_chunks
-from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, token_for, wait_until
 from services import Gunicorn
-
-ROOT = Path(__file__).resolve().parent.parent
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
     "stream_server": "/stream",

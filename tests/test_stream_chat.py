@@ -18,7 +18,6 @@ import time
 import uuid
 from contextlib import suppress
 from datetime import datetime
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,10 +29,18 @@ from selenium.webdriver.support.ui import WebDriverWait
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
-from helpers import TEST_KEY, WAIT, bearer, free_port, only_help, port_of, token_for, wait_until
+from helpers import (
+    ROOT,
+    TEST_KEY,
+    WAIT,
+    bearer,
+    free_port,
+    only_help,
+    port_of,
+    token_for,
+    wait_until,
+)
 from stream_client_chat import Event, SSEParser
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)

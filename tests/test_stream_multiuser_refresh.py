@@ -25,11 +25,10 @@ import stream_server as step_1_server
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
 import stream_server_websocket as websocket_server
-from helpers import TEST_KEY, WAIT, bearer, free_port, only_help, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, free_port, only_help, token_for, wait_until
 
 pytestmark = pytest.mark.step(server)
 
-ROOT = Path(__file__).resolve().parent.parent
 USED = "this refresh token was already used: its login is now revoked"
 REVOKED = "this login was revoked: log in again"
 NOT_ACCESS = "not an access token (its JWT header lacks typ at+jwt)"

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import jwt
 import pytest
@@ -21,7 +20,6 @@ from helpers import TEST_KEY, bearer, free_port, only_help, token_for
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
 
-ROOT = Path(__file__).resolve().parent.parent
 PID = os.getpid()  # the tests' own process runs the servers
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 from contextlib import suppress
-from pathlib import Path
 
 import flask_sock
 import jwt
@@ -24,6 +23,7 @@ import stream_server as step_1_server
 import stream_server_multiuser_secure as step_3_server
 import stream_server_websocket as server
 from helpers import (
+    ROOT,
     TEST_KEY,
     WAIT,
     free_port,
@@ -35,7 +35,6 @@ from helpers import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 HANDSHAKE = {
     "Connection": "Upgrade",
     "Upgrade": "websocket",
