@@ -6,6 +6,7 @@
 Flags on the command line override what is set here.
 """
 
+import os
 import subprocess
 import sys
 
@@ -47,7 +48,9 @@ def on_starting(server) -> None:
     module = (server.cfg.wsgi_app or server.app.app_uri).partition(":")[0]
     check = f"import {module} as step\nif hasattr(step, 'load_secret_key'):\n"
     check += "    step.load_secret_key(required=True)"
-    if subprocess.run([sys.executable, "-c", check]).returncode:
+    # With the master's import path, which holds --pythonpath and --chdir's folders too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    if subprocess.run([sys.executable, "-c", check], env=env).returncode:
         raise SystemExit(1)  # the step has said why
 
 

@@ -74,10 +74,13 @@ class RedisServer:
 class Gunicorn:
     """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
 
-    def __init__(self, module: str, worker: str, threads: int = 8) -> None:
+    def __init__(
+        self, module: str, worker: str, threads: int = 8, extra: Sequence[str] = ()
+    ) -> None:
         self.module = module
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
-        command += ["-w", "1", "--threads", str(threads), "-b", "127.0.0.1:0", f"{module}:app"]
+        command += ["-w", "1", "--threads", str(threads), "-b", "127.0.0.1:0", *extra]
+        command += [f"{module}:app"]
         # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
         command += ["--graceful-timeout", "1"]
         env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}

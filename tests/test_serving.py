@@ -125,3 +125,13 @@ def test_a_missing_or_short_key_stops_gunicorn_once(key):
     assert output.count("JWT_SECRET_KEY must be set") == 1
     assert "Booting worker" not in output  # stopped before any worker, never restarted
     assert "Traceback" not in output
+
+
+def test_an_app_found_through_pythonpath_starts():
+    # The key check in gunicorn.conf.py imports the app in a separate interpreter: it must
+    # look where gunicorn looks, --pythonpath included (the benchmark serves bench/wsgi_app).
+    server = Gunicorn("wsgi_app", "gevent", extra=["--pythonpath", "bench"])
+    try:
+        assert requests.get(f"{server.url}/stream/Al?count=1", timeout=WAIT).status_code == 200
+    finally:
+        server.stop()
