@@ -79,7 +79,7 @@ def load_secret_key(required: bool = False) -> bytes:
         return secrets.token_bytes(32)
     if secret is None or len(secret.encode()) < 32:
         # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
-        raise SystemExit("JWT_SECRET_KEY must be set, at least 32 bytes (HS256 needs 256 bits)")
+        raise SystemExit("JWT_SECRET_KEY must be set to a key of 32 bytes or more (for HS256)")
     return secret.encode()
 
 

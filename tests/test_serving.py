@@ -121,7 +121,7 @@ def test_a_missing_or_short_key_stops_gunicorn_once(key):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert "JWT_SECRET_KEY must be set, at least 32 bytes" in output
+    assert "JWT_SECRET_KEY must be set to a key of 32 bytes or more (for HS256)" in output
     assert output.count("JWT_SECRET_KEY must be set") == 1
     assert "Booting worker" not in output  # stopped before any worker, never restarted
     assert "Traceback" not in output
