@@ -18,8 +18,10 @@ from datetime import datetime
 from typing import NamedTuple
 
 import requests
+from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+STEP, SERVER = 7, "stream_server_chat.py"  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
 LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
@@ -76,20 +78,47 @@ class StreamError(Exception):
     """Something went wrong that the user should read as one line, not a traceback."""
 
 
-def check_status(response: requests.Response) -> None:
-    if response.ok:
+def start_it(problem: str) -> StreamError:
+    """A StreamError for a missing or wrong server, saying which one this step needs."""
+    return StreamError(f"{problem} Start it with: python {SERVER}")
+
+
+def base_url(url: str) -> str:
+    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
+    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
+        return url.rstrip("/")
+    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
+
+
+def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
+    """Say why no answer came: nothing listening, or a server that speaks no plain HTTP."""
+    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
+        return start_it(f"{url} gave no HTTP answer: it is not step {STEP}'s server.")
+    return start_it(f"cannot connect to {url}: is the server running?")
+
+
+def check_status(response: requests.Response, content_type: str) -> None:
+    """Let this step's answer through; make anything else a StreamError that says what it is."""
+    status, kind = response.status_code, response.headers.get("Content-Type", "")
+    if response.ok and kind.startswith(content_type):
         return
+    # This step's server refuses bad input with a 400 (a 5xx: it failed, or a proxy did). Any
+    # other answer is another server's, often another step's: a 404, a 401, another type.
+    if status != 400 and status < 500:
+        answer = f"{status} {kind}" if response.ok else status
+        url = response.url.partition("?")[0]
+        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
     try:
         message = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         message = response.reason
-    raise StreamError(f"server answered {response.status_code}: {message}")
+    raise StreamError(f"server answered {status}: {message}")
 
 
 def bearer(url: str, user: str) -> dict:
     """A freshly minted token for each request: here they are free (step 3's demo minting)."""
     minted = requests.post(f"{url}/generate_token", json={"user_id": user}, timeout=10)
-    check_status(minted)
+    check_status(minted, "application/json")
     return {"Authorization": f"Bearer {minted.json()['access_token']}"}
 
 
@@ -107,7 +136,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
             ) as r:
                 problem = "the server cannot reach Redis"  # it answers 503: try again later
                 if r.status_code != 503:
-                    check_status(r)
+                    check_status(r, "text/event-stream")
                     for text in r.iter_content(chunk_size=None, decode_unicode=True):
                         for event in parser.feed(text):
                             failures = 0  # only a connection that brings events counts as working
@@ -115,10 +144,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
                     problem = "the server ended the stream"
         except requests.RequestException as error:
             if not parser.last_id and isinstance(error, requests.ConnectionError):
-                raise StreamError(
-                    f"cannot connect to {url}: is the server running? "
-                    "Start it with: python stream_server_chat.py"
-                ) from None
+                raise cannot_connect(url, error) from None
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:
@@ -128,10 +154,19 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
         time.sleep(wait)
 
 
-def say(url: str, room: str, user: str, text: str) -> None:
-    headers, body = bearer(url, user), {"text": text}
-    posted = requests.post(f"{url}/rooms/{room}/messages", json=body, headers=headers, timeout=10)
-    check_status(posted)
+def say(url: str, room: str, user: str, text: str) -> str:
+    """Post one message; its id, once the server has stored it."""
+    try:
+        headers, body = bearer(url, user), {"text": text}
+        posted = requests.post(
+            f"{url}/rooms/{room}/messages", json=body, headers=headers, timeout=10
+        )
+    except requests.ConnectionError as error:
+        raise cannot_connect(url, error) from None
+    except requests.RequestException as error:  # a timeout
+        raise StreamError(f"{url} did not answer in time ({error})") from None
+    check_status(posted, "application/json")
+    return posted.json()["id"]
 
 
 def post_lines(url: str, room: str, user: str) -> None:
@@ -139,23 +174,26 @@ def post_lines(url: str, room: str, user: str) -> None:
     for line in filter(str.strip, sys.stdin):
         try:
             say(url, room, user, line.rstrip("\r\n"))
-        except (StreamError, requests.RequestException) as error:
+        except StreamError as error:
             print(f"error: not sent: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Chat in a room: print it, post typed lines.")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default: {DEFAULT_URL})")
-    parser.add_argument("--room", default="lobby", help="the room to join")
-    parser.add_argument("--user", default="User1", help="who you are")
+    parser.add_argument("--room", default="lobby", help="the room to join (default: lobby)")
+    parser.add_argument("--user", default="User1", help="who you are (default: User1)")
     parser.add_argument("--say", metavar="TEXT", help="post TEXT, and exit")
     args = parser.parse_args(argv)
 
-    where = (args.url.rstrip("/"), args.room, args.user)
     try:
+        where = (base_url(args.url), args.room, args.user)
         if args.say is not None:
-            say(*where, args.say)
+            message_id = say(*where, args.say)
+            print(f"sent to {args.room} as {args.user}: id {message_id}")
             return 0
+        hint = f"(in {args.room} as {args.user}: type a line, Enter posts it; Ctrl-C leaves)"
+        print(hint, file=sys.stderr)
         threading.Thread(target=post_lines, args=where, daemon=True).start()
         for event in follow(*where):
             data = json.loads(event.data)
@@ -166,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"({event.type}: {event.data})", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    except requests.RequestException:  # in --say: the stream handles its own
-        print(f"error: cannot connect to {args.url}: is the server running?", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130  # Ctrl-C: stop quietly, the usual exit status for it

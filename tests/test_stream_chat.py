@@ -503,8 +503,28 @@ def test_a_history_below_one_is_refused_at_start():
 def test_client_says_one_message(base, room, follow, capsys):
     alice = follow(base, room, "Alice")
     assert chat_client.main(["--url", base, "--room", room, "--user", "Bob", "--say", "hi"]) == 0
-    assert [(m["user"], m["text"]) for m in alice.wait_for(1)] == [("Bob", "hi")]
-    assert capsys.readouterr().out == ""
+    [message] = alice.wait_for(1)
+    assert (message["user"], message["text"]) == ("Bob", "hi")
+    assert capsys.readouterr().out == f"sent to {room} as Bob: id {message['id']}\n"
+
+
+@only_in_process
+def test_client_says_how_to_post_when_it_starts(base, room, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr(chat_client, "follow", lambda *where: iter(()))
+    assert chat_client.main(["--url", base, "--room", room, "--user", "Bob"]) == 0
+    assert capsys.readouterr().err == (
+        f"(in {room} as Bob: type a line, Enter posts it; Ctrl-C leaves)\n"
+    )
+
+
+def test_client_names_the_server_to_start_when_another_answers(serve, capsys):
+    import stream_server_sse  # step 4 on the port: no /generate_token there
+
+    assert chat_client.main(["--url", serve(stream_server_sse.app), "--say", "hi"]) == 1
+    error = capsys.readouterr().err
+    assert error.endswith("answered 404: it is not step 7's server. Start it with: "
+                          "python stream_server_chat.py\n"), error
 
 
 @only_in_process
@@ -623,7 +643,8 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert chat_client.main(["--url", url, "--say", "hi"]) == 1
     assert capsys.readouterr().err == (
-        f"error: cannot connect to {url}: is the server running?\n"
+        f"error: cannot connect to {url}: is the server running? "
+        "Start it with: python stream_server_chat.py\n"
     )
     monkeypatch_stdin = io.StringIO("")
     sys_stdin, sys.stdin = sys.stdin, monkeypatch_stdin
@@ -631,7 +652,7 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
         assert chat_client.main(["--url", url]) == 1
     finally:
         sys.stdin = sys_stdin
-    assert capsys.readouterr().err == (
+    assert capsys.readouterr().err.splitlines(keepends=True)[-1] == (
         f"error: cannot connect to {url}/rooms/lobby/events: is the server running? "
         "Start it with: python stream_server_chat.py\n"
     )
@@ -841,6 +862,7 @@ def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
         reader.start()
         wait_until(lambda: any(i.logged(f"Walker in {room} started") for i in both))
         doomed, survivor = sorted(both, key=lambda i: not i.logged(f"Walker in {room} started"))
+        assert printed.get(timeout=WAIT).startswith(f"(in {room} as Walker: type a line")
         first = post(survivor.url, room, "before", user="Bob")
         assert printed.get(timeout=WAIT).endswith(" Bob: before\n")
         doomed.kill()
