@@ -84,7 +84,12 @@ class RefreshTokenLedger:
         on first use, in the worker, so that no worker shares another's connection."""
         if redis_url:
             self._redis = redis.Redis.from_url(redis_url)  # it connects when first used
-            logger.info("REDIS_URL is set: used refresh tokens are kept in Redis")
+            try:
+                self._redis.ping()
+                logger.info("REDIS_URL is set: used refresh tokens are kept in Redis")
+            except redis.RedisError as error:  # not fatal: refreshes get 503 until it answers
+                logger.warning("REDIS_URL is set, but Redis does not answer (%s): "
+                               "refreshes fail with 503 until it does", error)
         else:
             # Every process keeps its own: a token used in one worker works once more in
             # each other worker, and once more after a restart.

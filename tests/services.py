@@ -36,6 +36,8 @@ class RedisServer:
         self.start()
 
     def start(self) -> None:
+        if self.process is not None:  # running already
+            return
         command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
         # No RDB snapshots and no append-only file: nothing is written, nothing outlives the test.
         command += ["--save", "", "--appendonly", "no", "--dir", self.folder]

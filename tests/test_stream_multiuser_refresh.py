@@ -1,6 +1,7 @@
 """Step 6: stream_server_multiuser_refresh.py and its client; HTTPS for steps 3 and 6."""
 
 import json
+import logging
 import os
 import re
 import signal
@@ -225,6 +226,24 @@ def test_without_redis_url_the_first_use_says_reuse_is_detected_in_this_process_
     assert "REDIS_URL" not in caplog.text  # nothing said at import or when made
     assert refresh(client, pair(client)["refresh_token"]).status_code == 200
     assert "REDIS_URL is unset: reuse is detected within this process only" in caplog.text
+
+
+@pytest.mark.parametrize("redis_up", [True, False], ids=["Redis up", "Redis down"])
+def test_with_redis_url_the_start_says_whether_redis_answers(
+    redis_url, redis_server, caplog, redis_up
+):
+    caplog.set_level(logging.INFO)
+    if not redis_up:
+        redis_server.stop()
+    try:
+        server.RefreshTokenLedger().open(redis_url)
+    finally:
+        redis_server.start()
+    if redis_up:
+        assert "REDIS_URL is set: used refresh tokens are kept in Redis" in caplog.text
+    else:
+        assert "REDIS_URL is set, but Redis does not answer" in caplog.text
+        assert "kept in Redis" not in caplog.text
 
 
 @pytest.fixture
