@@ -255,3 +255,12 @@ def test_sse_clients_whose_instance_dies_resume_on_the_other(gunicorn, nginx):
         assert events[0] == Event("chunk", text, str(resume_at))
     assert alive.has_logged(f"events for Reader started: events {resume_at} to 100000")
     wait_until(lambda: f'upstream: "http://127.0.0.1:{dead.port}/events/' in proxy.error_log())
+
+
+def test_with_no_instance_answering_nginx_answers_json_too(nginx):
+    # Without the config's error_page, nginx's own 502 would be an HTML page.
+    proxy = nginx(free_port(), free_port())  # nobody listens on either
+    response = requests.post(f"{proxy.url}/rooms/lobby/messages", json={"text": "hi"}, timeout=WAIT)
+    assert response.status_code == 502, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == {"error": "no app instance answered: try again in a moment"}
