@@ -6,6 +6,7 @@
 Flags on the command line override what is set here.
 """
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,14 @@ worker_connections = 1000
 # For gthread and gevent this is only the worker's heartbeat. The default sync
 # worker (-k sync) would kill any request running longer, so no stream there.
 timeout = 30
+# Stopping. Ctrl-C (SIGINT, which the terminal sends to the master and the workers alike)
+# and SIGQUIT are gunicorn's quick shutdown: worker_int below ends each worker at once, and
+# its open streams with it. SIGTERM (kill, systemd) is the graceful one: the workers stop
+# accepting and give the requests under way graceful_timeout seconds to finish, then
+# gunicorn ends them. A stream may run for hours, so waiting gunicorn's default 30 s only
+# delays every stop and restart; 5 s lets a token request finish. The clients of cut
+# streams see the connection close without the final chunk.
+graceful_timeout = 5
 # gunicorn 25+ opens a control socket in $HOME by default; these servers need none.
 control_socket_disable = True
 # Show the servers' own log lines (stream started, finished, disconnected) on
@@ -32,7 +41,14 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
-
+# The access line: the Common Log Format, whose every field gunicorn keeps to one safe
+# line. h is the peer's address, t the time, r the request line (gunicorn refuses control
+# characters in it), s and b are numbers. Left out on purpose: the user name (u), which
+# gunicorn decodes from an "Authorization: Basic" header and writes as it comes, so a
+# crafted header could forge whole log lines and send escape sequences to the terminal
+# that shows them; and the referer and user agent of gunicorn's default format, which may
+# carry the control characters that Latin-1 has above 127.
+access_log_format = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s'
 
 
 def on_starting(server) -> None:
@@ -44,7 +60,10 @@ def on_starting(server) -> None:
     module = (server.cfg.wsgi_app or server.app.app_uri).partition(":")[0]
     check = f"import {module} as step\nif hasattr(step, 'load_secret_key'):\n"
     check += "    step.load_secret_key(required=True)"
-    if subprocess.run([sys.executable, "-c", check]).returncode:
+    # It looks for the step where gunicorn does: here, and in the --pythonpath folders.
+    paths = [os.path.abspath(path) for path in (server.cfg.pythonpath or "").split(",") if path]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+    if subprocess.run([sys.executable, "-c", check], env=env).returncode:
         raise SystemExit(1)  # the step has said why
 
 
@@ -55,3 +74,13 @@ def post_worker_init(worker) -> None:
     if hasattr(step, "load_secret_key"):
         # Required: a random key per worker would make each refuse the others' tokens.
         worker.wsgi.config["JWT_SECRET_KEY"] = step.load_secret_key(required=True)
+
+
+def worker_int(worker) -> None:
+    """A worker told to stop at once (Ctrl-C, SIGQUIT) exits now, cutting its open streams.
+    Left to gunicorn, a gthread worker would wait for every stream thread to end, until the
+    master killed it after graceful_timeout ("was sent SIGKILL! Perhaps out of memory?"),
+    and a gevent worker would meet the second signal of a Ctrl-C (the terminal's and the
+    master's) while exiting, with a SystemExit traceback."""
+    worker.log.info("Worker exiting (pid: %s): open streams are cut", worker.pid)
+    os._exit(0)

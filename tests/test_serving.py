@@ -1,8 +1,11 @@
-"""Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the wire."""
+"""Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the
+wire; and how gunicorn.conf.py stops, logs and finds the app."""
 
+import base64
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +17,7 @@ import pytest
 import requests
 
 import show_chunks
+from bench import bench
 from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +178,68 @@ def test_a_missing_or_short_key_stops_gunicorn_once(key):
     assert output.count("JWT_SECRET_KEY must be set") == 1
     assert "Booting worker" not in output  # stopped before any worker, never restarted
     assert "Traceback" not in output
+
+
+# gunicorn: Ctrl-C, the access log, --pythonpath
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_class):
+    server = Gunicorn("stream_server_multiuser", worker_class)
+    try:
+        worker_pid = int(server.wait_for_line(r"Booting worker with pid: (\d+)").group(1))
+        sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
+        with sock, wire:
+            show_chunks.read_head(wire)
+            next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
+            # Ctrl-C: the terminal sends SIGINT to its whole foreground process group.
+            for pid in (server.process.pid, worker_pid):
+                os.kill(pid, signal.SIGINT)
+            server.process.wait(WAIT)
+        server.wait_for_line(r"Shutting down: Master")
+        output = "".join(server.log)
+        # Before: gthread waited for the stream until the master killed the worker ("was
+        # sent SIGKILL! Perhaps out of memory?"); gevent printed a SystemExit traceback.
+        assert "SIGKILL" not in output
+        assert "Traceback" not in output
+        assert "open streams are cut" in output
+    finally:
+        server.stop()
+
+
+def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines():
+    server = Gunicorn("stream_server", "gthread")
+    try:
+        forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
+        forged += "1.2.3.4 \x1b[2J"  # a new line, and an escape sequence: clear the screen
+        credentials = base64.b64encode(f"{forged}:password".encode()).decode()
+        # And control characters above 127 (Latin-1's NEL and CSI), which gunicorn lets
+        # through in header values, in the two headers of its default format.
+        headers = {
+            "Authorization": f"Basic {credentials}",
+            "User-Agent": "a\x9b2J",
+            "Referer": "b\x85",
+        }
+        response = requests.get(f"{server.url}/?crafted", headers=headers, timeout=WAIT)
+        assert response.status_code == 200, response.text
+        line = server.wait_for_line(r'"GET /\?crafted HTTP/1\.1"').string
+        # gunicorn's prefix, then the Common Log Format: all of it on this one line.
+        prefix = r"\[[^]]+\] \[\d+\] \[INFO\] "
+        access = prefix + r'127\.0\.0\.1 - - \[[^]]+\] "GET /\?crafted HTTP/1\.1" 200 \d+\n'
+        assert re.fullmatch(access, line), line
+        log = "".join(server.log)
+        assert "Mallory" not in log
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", log), repr(log)
+    finally:
+        server.stop()
+
+
+def test_the_key_check_finds_an_app_on_gunicorns_pythonpath():
+    # The benchmark serves its bare WSGI reference with --pythonpath bench. gunicorn.conf.py
+    # imports the app for its key check too, and used to look in the current folder only:
+    # gunicorn stopped at once.
+    server = bench.Server(bench.SERVERS["gunicorn gevent, bare WSGI (reference)"], "unused")
+    try:
+        assert bench.fast_read(server.port, "/stream/Ref?count=3&interval=0") > 0
+    finally:
+        server.stop()
