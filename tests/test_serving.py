@@ -1,22 +1,33 @@
-"""Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the
-wire; and how gunicorn.conf.py stops, logs and finds the app."""
+"""How the steps are served, checked on the wire: every step's app, unchanged, under
+gunicorn's gthread and gevent workers; and Werkzeug's dev server as each step's __main__
+starts it, with its time limits and HTTPS."""
 
 import base64
+import contextlib
+import logging
 import os
 import queue
 import re
+import runpy
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
 import requests
+from flask import Flask
+from werkzeug.serving import make_server
 
 import show_chunks
+import stream_server_multiuser as multiuser
+import stream_server_multiuser_refresh as refresh
+import stream_server_multiuser_secure as secure
 from bench import bench
 from helpers import TEST_KEY, WAIT, bearer, token_for, wait_until
 
@@ -180,7 +191,46 @@ def test_a_missing_or_short_key_stops_gunicorn_once(key):
     assert "Traceback" not in output
 
 
-# gunicorn: Ctrl-C, the access log, --pythonpath
+def stream_status(base_url: str, headers: dict | None = None) -> dict:
+    return requests.get(f"{base_url}/status", headers=headers, timeout=WAIT).json()
+
+
+@contextlib.contextmanager
+def stalled_client(base_url: str, path: str, headers: dict | None = None):
+    """A client that sends its request, then never reads: with its receive buffer kept
+    small, the server's writes soon wait. It stays connected until the block ends."""
+    parts = urlsplit(base_url)
+    lines = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, or no use
+        sock.connect((parts.hostname, parts.port))
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        yield
+
+
+def started_and_ended(status: dict) -> bool:
+    """One stream was served, and it is no longer active."""
+    return status["served"] == 1 and status["active"] == {}
+
+
+# gunicorn: write timeout, fairness under gevent, Ctrl-C, the access log
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_gunicorn_ends_a_stream_whose_client_stops_reading(worker_class, monkeypatch):
+    monkeypatch.setenv("WRITE_TIMEOUT", "0.5")  # gunicorn.conf.py reads it; 90 s by default
+    server = Gunicorn("stream_server_multiuser", worker_class)
+    try:
+        with stalled_client(server.url, "/stream/Staller?count=1000000&interval=0"):
+            # Ended while its client is still connected: a write timed out. Before, the
+            # stream stayed active for as long as the client did.
+            wait_until(lambda: started_and_ended(stream_status(server.url)))
+            server.wait_for_line(r"Staller disconnected after \d+ of 1000000 chunks")
+            server.wait_for_line(r"closed a connection whose client accepted no data for 0\.5 s")
+        assert "Traceback" not in "".join(server.log)
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
@@ -243,3 +293,126 @@ def test_the_key_check_finds_an_app_on_gunicorns_pythonpath():
         assert bench.fast_read(server.port, "/stream/Ref?count=3&interval=0") > 0
     finally:
         server.stop()
+
+
+# Werkzeug's dev server, as each step's __main__ starts it
+
+DEV_STEPS = [
+    "stream_server",
+    "stream_server_multiuser",
+    "stream_server_multiuser_secure",
+    "stream_server_sse",
+    "stream_server_multiuser_refresh",
+]
+TLS_STEPS = {"stream_server_multiuser_secure": secure, "stream_server_multiuser_refresh": refresh}
+
+
+@pytest.fixture
+def dev_server(monkeypatch):
+    """Serve a step's app in this process as its __main__ does: Werkzeug's threaded server
+    with the step's RequestHandler, and HTTPS with the step's tls_context if given certs."""
+    servers = []
+
+    def start(step, tls=None) -> str:
+        monkeypatch.setitem(step.app.config, "JWT_SECRET_KEY", TEST_KEY)
+        context = step.tls_context(tls.cert_file, tls.key_file) if tls else None
+        server = make_server(
+            "127.0.0.1",
+            0,
+            step.app,
+            threaded=True,
+            ssl_context=context,
+            request_handler=step.RequestHandler,
+        )
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+@pytest.mark.parametrize("module", DEV_STEPS)
+def test_each_step_serves_with_its_request_handler(module, monkeypatch, tls):
+    runs = []
+    monkeypatch.setattr(Flask, "run", lambda app, **options: runs.append(options))
+    https = ["--cert", tls.cert_file, "--key", tls.key_file] if module in TLS_STEPS else []
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", *https])
+    monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
+    runpy.run_path(str(ROOT / f"{module}.py"), run_name="__main__")
+    [options] = runs
+    assert options["threaded"] is True
+    handler = options["request_handler"]
+    assert handler.__qualname__ == "RequestHandler"
+    assert handler.timeout == 5  # REQUEST_TIMEOUT
+
+
+@pytest.mark.parametrize("timer", ["TCP_USER_TIMEOUT", "settimeout"])
+def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
+    timer, dev_server, monkeypatch, caplog
+):
+    if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
+        monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
+    monkeypatch.setattr(multiuser, "WRITE_TIMEOUT", 0.5)  # 90 s in the step
+    monkeypatch.setattr(multiuser, "tracker", multiuser.StreamTracker())  # nothing served yet
+    caplog.set_level(logging.INFO, logger=multiuser.__name__)
+    url = dev_server(multiuser)
+    with stalled_client(url, "/stream/Staller?count=1000000&interval=0"):
+        # Ended while its client is still connected: a write timed out. Before, the stream
+        # stayed active, its thread blocked in a write, for as long as the client did.
+        wait_until(lambda: started_and_ended(stream_status(url)))
+    assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
+
+
+def logged_https_port(process: subprocess.Popen) -> int:
+    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
+    for line in process.stderr:
+        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("the server exited without saying where it serves HTTPS")
+
+
+@pytest.mark.parametrize("module", list(TLS_STEPS))
+def test_an_idle_connection_does_not_hold_up_https(module, tls):
+    command = [sys.executable, f"{module}.py", "--port", "0"]
+    command += ["--cert", tls.cert_file, "--key", tls.key_file]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = logged_https_port(process)
+        url = f"https://127.0.0.1:{port}"
+        # Connected, and silent: no TLS handshake. Before, the server waited for it in the
+        # one thread that accepts every connection, and served no one else meanwhile.
+        with socket.create_connection(("127.0.0.1", port)):
+            # A client that checks the server's certificate against the test CA.
+            checked = {"verify": tls.ca_file, "timeout": WAIT}
+            minted = requests.post(f"{url}/generate_token", json={"user_id": "Al"}, **checked)
+            assert minted.status_code == 200, minted.text
+            headers = bearer(minted.json()["access_token"])
+            with requests.get(
+                f"{url}/stream?count=2&interval=0", headers=headers, stream=True, **checked
+            ) as response:
+                assert response.status_code == 200, response.text
+                lines = list(response.iter_lines())
+        assert b"chunk 2 of 2 for Al" in lines[1]
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("step", list(TLS_STEPS.values()), ids=list(TLS_STEPS))
+def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monkeypatch):
+    monkeypatch.setattr(step.RequestHandler, "timeout", 0.2)  # REQUEST_TIMEOUT, 5 s in the step
+    url = dev_server(step, tls)
+    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=WAIT) as idle:
+        # The server closes the connection (b""); before, recv() waited on for WAIT seconds.
+        assert idle.recv(1) == b""
+    minted = requests.post(
+        f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
+    )
+    assert minted.status_code == 200, minted.text
