@@ -31,6 +31,12 @@ app = Flask(__name__)
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# At interval=0 a stream never pauses, and while its client keeps reading, none of its
+# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
+# run only when it waits: such a stream would keep its whole worker to itself until it ends.
+# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
+# before it looks at the network, as gevent's documentation warns.)
+TURN = 500
 # Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
 # then to accept each piece of the answer. Without them, a client that connects and sends
 # nothing, or that stops reading, holds its thread forever. A client may take as long to
@@ -82,6 +88,8 @@ def generate_chunks(user_id: str, count: int, interval: float) -> Iterator[str]:
         for number in range(1, count + 1):
             if number > 1 and interval:
                 sleep(interval)
+            elif number % TURN == 0:
+                sleep(0.000001)  # a moment for the other streams: see TURN
             yield f"chunk {number} of {count} for {user_id}\n"
             # Execution only comes back here once the server has written the chunk.
             delivered = number

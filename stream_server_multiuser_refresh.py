@@ -38,6 +38,12 @@ app.config["REFRESH_LIFETIME"] = 60 * 60
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# At interval=0 a stream never pauses, and while its client keeps reading, none of its
+# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
+# run only when it waits: such a stream would keep its whole worker to itself until it ends.
+# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
+# before it looks at the network, as gevent's documentation warns.)
+TURN = 500
 # Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
 # then to accept each piece of the answer. Without them, a client that connects and sends
 # nothing, or that stops reading, holds its thread forever. A client may take as long to
@@ -194,6 +200,8 @@ def generate_lines(
         for seq in range(first, count + 1):
             if seq > first and interval:
                 sleep(max(0.0, min(interval, expires - time())))  # wake when the token expires
+            elif seq % TURN == 0:
+                sleep(0.000001)  # a moment for the other streams: see TURN
             if time() >= expires:
                 # The status line said 200 long ago and cannot change: the last line says why.
                 logger.info("token of %s expired: stream stopped before line %d", user_id, seq)

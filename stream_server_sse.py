@@ -29,6 +29,12 @@ app = Flask(__name__)
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# At interval=0 a stream never pauses, and while its client keeps reading, none of its
+# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
+# run only when it waits: such a stream would keep its whole worker to itself until it ends.
+# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
+# before it looks at the network, as gevent's documentation warns.)
+TURN = 500
 # Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
 # then to accept each piece of the answer. Without them, a client that connects and sends
 # nothing, or that stops reading, holds its thread forever. A client may take as long to
@@ -74,8 +80,10 @@ def event_stream(
     try:
         yield f"retry: {RETRY_MS}\n\n"
         for number in range(first, total + 1):
-            if number > first:
+            if number > first and interval:
                 yield from pause(interval)
+            elif number % TURN == 0:
+                sleep(0.000001)  # a moment for the other streams: see TURN
             yield event(text_of(number), kind, number)
             sent = number
         yield event("end of stream", "end")  # so clients know to stop, not to reconnect

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import runpy
+import selectors
 import signal
 import socket
 import subprocess
@@ -230,6 +231,54 @@ def test_gunicorn_ends_a_stream_whose_client_stops_reading(worker_class, monkeyp
             server.wait_for_line(r"closed a connection whose client accepted no data for 0\.5 s")
         assert "Traceback" not in "".join(server.log)
     finally:
+        server.stop()
+
+
+def read_as_fast_as_they_come(socks: list, flowing: list, stop: threading.Event) -> None:
+    """Read every socket in `socks` until `stop`; set flowing[n] once socks[n] has data."""
+    with selectors.DefaultSelector() as selector:
+        for number, sock in enumerate(socks):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, number)
+        while not stop.is_set() and selector.get_map():
+            for key, _ in selector.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(1 << 16)
+                except ConnectionError:
+                    data = b""
+                if data:
+                    flowing[key.data].set()
+                else:
+                    selector.unregister(key.fileobj)
+
+
+@pytest.mark.parametrize("module", list(STEPS))
+def test_under_gevent_streams_at_interval_0_let_other_clients_in(module):
+    # Four streams that never pause, each read as fast as it comes, so that their writes
+    # never wait either. Before, the first of them kept the worker to itself: the others
+    # did not begin, and no other client was answered, until it ended.
+    server = Gunicorn(module, "gevent")
+    fast, flowing, stop = [], [threading.Event() for _ in range(4)], threading.Event()
+    reader = threading.Thread(target=read_as_fast_as_they_come, args=(fast, flowing, stop))
+    try:
+        for number in range(4):
+            sock, wire = open_stream(server, "count=1000000&interval=0", user=f"Fast{number}")
+            wire.close()  # unread: the reader reads the socket itself
+            fast.append(sock)
+        reader.start()
+        for number, began in enumerate(flowing):
+            assert began.wait(WAIT), f"fast stream {number} never began"
+        sock, wire = open_stream(server, "count=1", user="Other")
+        with sock, wire:
+            assert show_chunks.read_head(wire)[0] == "HTTP/1.1 200 OK"
+            _, payload = next(show_chunks.read_chunks(wire))
+        assert payload.startswith(b"chunk 1 of 1")
+    finally:
+        stop.set()
+        if reader.is_alive():
+            reader.join()
+        for sock in fast:
+            sock.close()
         server.stop()
 
 
