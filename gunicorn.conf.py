@@ -6,7 +6,9 @@
 Flags on the command line override what is set here.
 """
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,19 +26,60 @@ worker_connections = 1000
 # For gthread and gevent this is only the worker's heartbeat. The default sync
 # worker (-k sync) would kill any request running longer, so no stream there.
 timeout = 30
+# Stopping. Ctrl-C (SIGINT, which the terminal sends to the master and the workers alike)
+# and SIGQUIT are gunicorn's quick shutdown: worker_int below ends each worker at once, and
+# its open streams with it. SIGTERM (kill, systemd) is the graceful one: the workers stop
+# accepting and give the requests under way graceful_timeout seconds to finish, then
+# gunicorn ends them. A stream may run for hours, so waiting gunicorn's default 30 s only
+# delays every stop and restart; 5 s lets a token request finish. The clients of cut
+# streams see the connection close without the final chunk.
+graceful_timeout = 5
+# Seconds a client may accept no data before its stream is ended and its thread or greenlet
+# freed; gunicorn has no such limit, so post_worker_init below puts it on every request's
+# socket. Longer than the longest pause between two chunks (60 s), as in the steps' own
+# WRITE_TIMEOUT for Flask's server. The environment variable WRITE_TIMEOUT overrides it.
+WRITE_TIMEOUT = float(os.environ.get("WRITE_TIMEOUT", "90"))
 # gunicorn 25+ opens a control socket in $HOME by default; these servers need none.
 control_socket_disable = True
+
+
+class WriteTimeouts(logging.Filter):
+    """gunicorn logs a socket error other than a reset or a broken pipe with its traceback.
+    A write that timed out is the client's doing, not a fault: one line says so instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg = "closed a connection whose client accepted no data for %g s"
+            record.args = (WRITE_TIMEOUT,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 # Show the servers' own log lines (stream started, finished, disconnected) on
 # stderr beside gunicorn's, and one access line per request on stdout. Without
 # propagate=False, gunicorn's lines would reach the root handler and print twice.
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["error_console"]},
+    "filters": {"write_timeouts": {"()": WriteTimeouts}},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        "gunicorn.error": {
+            "level": "INFO",
+            "handlers": ["error_console"],
+            "propagate": False,
+            "filters": ["write_timeouts"],
+        },
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
-
+# The access line: the Common Log Format, whose every field gunicorn keeps to one safe
+# line. h is the peer's address, t the time, r the request line (gunicorn refuses control
+# characters in it), s and b are numbers. Left out on purpose: the user name (u), which
+# gunicorn decodes from an "Authorization: Basic" header and writes as it comes, so a
+# crafted header could forge whole log lines and send escape sequences to the terminal
+# that shows them; and the referer and user agent of gunicorn's default format, which may
+# carry the control characters that Latin-1 has above 127.
+access_log_format = '%(h)s - - %(t)s "%(r)s" %(s)s %(b)s'
 
 
 def on_starting(server) -> None:
@@ -56,8 +99,35 @@ def on_starting(server) -> None:
 
 def post_worker_init(worker) -> None:
     """Each worker, once it has imported its step: the steps that sign tokens load
-    JWT_SECRET_KEY here, as their __main__ does for Flask's own server."""
+    JWT_SECRET_KEY here, as their __main__ does for Flask's own server; and the app is
+    wrapped to put WRITE_TIMEOUT on its sockets."""
     step = sys.modules.get(getattr(worker.wsgi, "import_name", ""))
     if hasattr(step, "load_secret_key"):
         # Required: a random key per worker would make each refuse the others' tokens.
         worker.wsgi.config["JWT_SECRET_KEY"] = step.load_secret_key(required=True)
+    worker.wsgi = with_write_timeout(worker.wsgi)
+
+
+def with_write_timeout(app):
+    """The app, with WRITE_TIMEOUT on the socket of each request it answers. A write that
+    times out ends the stream as a client that hung up would: the generator is closed."""
+
+    def app_with_write_timeout(environ, start_response):
+        sock = environ["gunicorn.socket"]
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: the kernel keeps the time, at no cost
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT * 1000))
+        else:  # elsewhere Python does, with one more system call for every write
+            sock.settimeout(WRITE_TIMEOUT)
+        return app(environ, start_response)
+
+    return app_with_write_timeout
+
+
+def worker_int(worker) -> None:
+    """A worker told to stop at once (Ctrl-C, SIGQUIT) exits now, cutting its open streams.
+    Left to gunicorn, a gthread worker would wait for every stream thread to end, until the
+    master killed it after graceful_timeout ("was sent SIGKILL! Perhaps out of memory?"),
+    and a gevent worker would meet the second signal of a Ctrl-C (the terminal's and the
+    master's) while exiting, with a SystemExit traceback."""
+    worker.log.info("Worker exiting (pid: %s): open streams are cut", worker.pid)
+    os._exit(0)

@@ -6,11 +6,14 @@ For each server it measures, on 127.0.0.1 only:
   - rate: chunks per second of one `count=N&interval=0` stream, read as fast as possible;
   - concurrency: wall time for 10, 100 and 500 one-second streams started at once (the median
     of three runs), with the errors of all three;
-  - memory: the server's peak RSS growth (all its processes) while the rate stream runs.
+  - memory: the server's peak RSS growth (all its processes) while the rate stream runs;
+  - fairness: the longest time to the first chunk of a short stream while 4 streams at
+    interval=0 run, each read as fast as it comes.
 Every load is bounded in count and time, and every server is stopped by the PID it started.
 
     python bench/bench.py                       # the full run, a few minutes
     python bench/bench.py --quick               # small loads, seconds (CI runs this)
+    python bench/bench.py --rate                # only the rate, memory and fairness
     python bench/bench.py --markdown bench/results.md
 """
 
@@ -47,6 +50,7 @@ UVICORN += ["--port", "{port}", "--no-access-log", "--log-level", "warning"]
 if all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
     SERVERS["uvicorn + Starlette (reference)"] = UVICORN
 STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
+FAST = 4  # streams at interval=0 that run while first_chunk_beside_fast_streams measures
 
 
 def free_port() -> int:
@@ -162,6 +166,60 @@ def rate_and_memory(server: Server, count: int, runs: int) -> tuple[float, float
     return count / seconds, max(0, peak[0] - baseline) / 1e6
 
 
+def first_chunk_beside_fast_streams(port: int, fast: int, probes: int) -> float:
+    """The longest ms from a request to its first chunk while `fast` streams at interval=0 run,
+    each read as fast as it comes, so that no write of theirs ever waits for its client. A
+    worker that lets such a stream run without a break keeps every other client waiting.
+
+    One thread and `selectors`, as in concurrent_streams: the client must not be what makes
+    the probe wait."""
+    selector, flowing, waits = selectors.DefaultSelector(), set(), []
+    deadline = time.perf_counter() + STREAM_TIMEOUT
+    try:
+        for stream_id in range(fast):
+            sock = socket.create_connection((HOST, port))
+            sock.sendall(get_request(f"/stream/fast{stream_id}?count=1000000&interval=0"))
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, stream_id)
+        probe, sent = None, 0.0
+        while len(waits) < probes:
+            if time.perf_counter() > deadline:
+                if probe is None:
+                    raise RuntimeError(f"no fast stream began within {STREAM_TIMEOUT} s")
+                waits.append((time.perf_counter() - sent) * 1000)  # and still waiting
+                break
+            if probe is None and flowing:  # the fast streams have begun: send the next probe
+                probe = socket.create_connection((HOST, port))
+                probe.sendall(get_request(f"/stream/probe{len(waits)}?count=1"))
+                sent, received = time.perf_counter(), bytearray()
+                probe.setblocking(False)
+                selector.register(probe, selectors.EVENT_READ, "probe")
+            for key, _ in selector.select(timeout=1):
+                try:
+                    block = key.fileobj.recv(1 << 16)
+                except ConnectionError:  # reset: as good as closed
+                    block = b""
+                if key.data != "probe":
+                    flowing.add(key.data)
+                    if not block:  # this one has ended (the others are still running)
+                        selector.unregister(key.fileobj)
+                        key.fileobj.close()
+                    continue
+                received += block
+                if b"chunk 1 of 1" in received:
+                    waits.append((time.perf_counter() - sent) * 1000)
+                elif block:
+                    continue  # more to come
+                selector.unregister(probe)
+                probe.close()
+                probe = None
+        return max(waits)
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+
+
 def concurrent_streams(port: int, users: int) -> tuple[float, int]:
     """Wall seconds for `users` one-second streams started at once, and how many failed.
 
@@ -203,16 +261,23 @@ def concurrent_streams(port: int, users: int) -> tuple[float, int]:
     return time.perf_counter() - started, failed
 
 
-def measure(name: str, command: list[str], quick: bool) -> dict:
+def measure(name: str, command: list[str], quick: bool, rate_only: bool) -> dict:
     print(f"measuring {name} ...", file=sys.stderr, flush=True)
     server = Server(command, "stream_server_multiuser")
     try:
         for worker in range(4):  # warm up: the first request of each worker imports and caches
             stream(server.port, f"/stream/warmup{worker}?count=1")
-        first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
+        row = {"server": name}
+        if not rate_only:
+            first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
+            row |= {"first chunk ms": first, "gap error ms": gap}
         rate, memory = rate_and_memory(server, count=20_000 if quick else 100_000, runs=3)
-        row = {"server": name, "first chunk ms": first, "gap error ms": gap}
         row |= {"chunks/s": rate, "memory growth MB": memory}
+        row[f"first chunk beside {FAST} fast ms"] = first_chunk_beside_fast_streams(
+            server.port, FAST, probes=3 if quick else 10
+        )
+        if rate_only:
+            return row
         for users in (10, 50) if quick else (10, 100, 500):
             runs = [concurrent_streams(server.port, users) for _ in range(1 if quick else 3)]
             row[f"{users} streams s"] = statistics.median(seconds for seconds, _ in runs)
@@ -239,20 +304,30 @@ def format_cell(value) -> str:
 def targets(rows: list[dict]) -> list[str]:
     by_name = {row["server"]: row for row in rows}
     dev, gthread, gevent = (by_name[name] for name in list(SERVERS)[:3])
-    concurrency = max(k for k in gevent if k.endswith("streams s"))
     speedup = gthread["chunks/s"] / dev["chunks/s"]
+    beside = f"first chunk beside {FAST} fast ms"
     checks = [
         (f"gunicorn gthread rate >= 1.3 x dev server's ({speedup:.2f} x)", speedup >= 1.3),
+        (
+            "memory growth under 10 MB on every server",
+            all(r["memory growth MB"] < 10 for r in rows),
+        ),
+        (
+            f"first chunk within 500 ms beside {FAST} streams at interval=0, on every server "
+            f"(gevent: {gevent[beside]:.0f} ms)",
+            all(r[beside] <= 500 for r in rows),
+        ),
+    ]
+    if "first chunk ms" not in gevent:  # --rate
+        return [f"- [{'x' if met else ' '}] {text}" for text, met in checks]
+    concurrency = max(k for k in gevent if k.endswith("streams s"))
+    checks += [
         (
             f"gevent: {concurrency.split()[0]} one-second streams within 1.2 s "
             f"({gevent[concurrency]:.2f} s)",
             gevent[concurrency] <= 1.2,
         ),
         ("first chunk within 5 ms on every server", all(r["first chunk ms"] <= 5 for r in rows)),
-        (
-            "memory growth under 10 MB on every server",
-            all(r["memory growth MB"] < 10 for r in rows),
-        ),
     ]
     return [f"- [{'x' if met else ' '}] {text}" for text, met in checks]
 
@@ -260,12 +335,15 @@ def targets(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the step servers on loopback.")
     parser.add_argument("--quick", action="store_true", help="small loads, for CI")
+    parser.add_argument(
+        "--rate", action="store_true", help="only the single-stream rate, memory and fairness"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     if len(SERVERS) == 4:
         print("(no Starlette reference: pip install -r bench/requirements.txt)", file=sys.stderr)
-    rows = [measure(name, command, args.quick) for name, command in SERVERS.items()]
+    rows = [measure(name, command, args.quick, args.rate) for name, command in SERVERS.items()]
     machine = (
         f"{platform.system()} {platform.machine()}, {psutil.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"

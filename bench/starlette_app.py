@@ -22,6 +22,8 @@ async def stream(request: Request) -> StreamingResponse:
         for number in range(1, count + 1):
             if number > 1 and interval:
                 await asyncio.sleep(interval)
+            elif number % 500 == 0:
+                await asyncio.sleep(0)  # the others' turn, as in the steps (TURN)
             yield f"chunk {number} of {count} for {user_id}\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -24,4 +24,6 @@ def lines(user_id: str, count: int, interval: float) -> Iterator[bytes]:
     for number in range(1, count + 1):
         if number > 1 and interval:
             sleep(interval)
+        elif number % 500 == 0:
+            sleep(0.000001)  # the others' turn, as in the steps (TURN)
         yield f"chunk {number} of {count} for {user_id}\n".encode()

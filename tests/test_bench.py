@@ -49,3 +49,7 @@ def test_stream_refuses_an_error_response(port):
 
 def test_fast_read_reads_to_the_final_chunk(port):
     assert bench.fast_read(port, "/stream/Fast?count=1000&interval=0") > 0
+
+
+def test_the_first_chunk_beside_fast_streams_is_timed(port):
+    assert bench.first_chunk_beside_fast_streams(port, fast=2, probes=2) > 0

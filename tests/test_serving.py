@@ -1,14 +1,31 @@
-"""Every step's app, unchanged, under gunicorn's gthread and gevent workers, checked on the wire."""
+"""How the steps are served, checked on the wire: every step's app, unchanged, under
+gunicorn's gthread and gevent workers; and Werkzeug's dev server as each step's __main__
+starts it, with its time limits and HTTPS."""
 
+import base64
+import contextlib
+import logging
 import os
+import re
+import runpy
+import selectors
+import signal
+import socket
 import subprocess
 import sys
+import threading
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
 import requests
+from flask import Flask
+from werkzeug.serving import make_server
 
 import show_chunks
+import stream_server_multiuser as multiuser
+import stream_server_multiuser_refresh as refresh
+import stream_server_multiuser_secure as secure
 from helpers import ROOT, TEST_KEY, WAIT, bearer, token_for, wait_until
 from services import Gunicorn
 
@@ -135,3 +152,267 @@ def test_an_app_found_through_pythonpath_starts():
         assert requests.get(f"{server.url}/stream/Al?count=1", timeout=WAIT).status_code == 200
     finally:
         server.stop()
+
+
+def stream_status(base_url: str, headers: dict | None = None) -> dict:
+    return requests.get(f"{base_url}/status", headers=headers, timeout=WAIT).json()
+
+
+@contextlib.contextmanager
+def stalled_client(base_url: str, path: str, headers: dict | None = None):
+    """A client that sends its request, then never reads: with its receive buffer kept
+    small, the server's writes soon wait. It stays connected until the block ends."""
+    parts = urlsplit(base_url)
+    lines = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, or no use
+        sock.connect((parts.hostname, parts.port))
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        yield
+
+
+def started_and_ended(status: dict) -> bool:
+    """One stream was served, and it is no longer active."""
+    return status["served"] == 1 and status["active"] == {}
+
+
+# gunicorn: write timeout, fairness under gevent, Ctrl-C, the access log
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_gunicorn_ends_a_stream_whose_client_stops_reading(worker_class, monkeypatch):
+    monkeypatch.setenv("WRITE_TIMEOUT", "0.5")  # gunicorn.conf.py reads it; 90 s by default
+    server = Gunicorn("stream_server_multiuser", worker_class)
+    try:
+        with stalled_client(server.url, "/stream/Staller?count=1000000&interval=0"):
+            # Ended while its client is still connected: a write timed out. Before, the
+            # stream stayed active for as long as the client did.
+            wait_until(lambda: started_and_ended(stream_status(server.url)))
+            server.wait_for_line(r"Staller disconnected after \d+ of 1000000 chunks")
+            server.wait_for_line(r"closed a connection whose client accepted no data for 0\.5 s")
+        assert "Traceback" not in "".join(server.log)
+    finally:
+        server.stop()
+
+
+def read_as_fast_as_they_come(socks: list, flowing: list, stop: threading.Event) -> None:
+    """Read every socket in `socks` until `stop`; set flowing[n] once socks[n] has data."""
+    with selectors.DefaultSelector() as selector:
+        for number, sock in enumerate(socks):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, number)
+        while not stop.is_set() and selector.get_map():
+            for key, _ in selector.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(1 << 16)
+                except ConnectionError:
+                    data = b""
+                if data:
+                    flowing[key.data].set()
+                else:
+                    selector.unregister(key.fileobj)
+
+
+@pytest.mark.parametrize("module", list(STEPS))
+def test_under_gevent_streams_at_interval_0_let_other_clients_in(module):
+    # Four streams that never pause, each read as fast as it comes, so that their writes
+    # never wait either. Before, the first of them kept the worker to itself: the others
+    # did not begin, and no other client was answered, until it ended.
+    server = Gunicorn(module, "gevent")
+    fast, flowing, stop = [], [threading.Event() for _ in range(4)], threading.Event()
+    reader = threading.Thread(target=read_as_fast_as_they_come, args=(fast, flowing, stop))
+    try:
+        for number in range(4):
+            sock, wire = open_stream(server, "count=1000000&interval=0", user=f"Fast{number}")
+            wire.close()  # unread: the reader reads the socket itself
+            fast.append(sock)
+        reader.start()
+        for number, began in enumerate(flowing):
+            assert began.wait(WAIT), f"fast stream {number} never began"
+        sock, wire = open_stream(server, "count=1", user="Other")
+        with sock, wire:
+            assert show_chunks.read_head(wire)[0] == "HTTP/1.1 200 OK"
+            _, payload = next(show_chunks.read_chunks(wire))
+        assert payload.startswith(b"chunk 1 of 1")
+    finally:
+        stop.set()
+        if reader.is_alive():
+            reader.join()
+        for sock in fast:
+            sock.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_class):
+    server = Gunicorn("stream_server_multiuser", worker_class)
+    try:
+        worker_pid = int(server.wait_for_line(r"Booting worker with pid: (\d+)").group(1))
+        sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
+        with sock, wire:
+            show_chunks.read_head(wire)
+            next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
+            # Ctrl-C: the terminal sends SIGINT to its whole foreground process group.
+            for pid in (server.process.pid, worker_pid):
+                os.kill(pid, signal.SIGINT)
+            server.process.wait(WAIT)
+        server.wait_for_line(r"Shutting down: Master")
+        output = "".join(server.log)
+        # Before: gthread waited for the stream until the master killed the worker ("was
+        # sent SIGKILL! Perhaps out of memory?"); gevent printed a SystemExit traceback.
+        assert "SIGKILL" not in output
+        assert "Traceback" not in output
+        assert "open streams are cut" in output
+    finally:
+        server.stop()
+
+
+def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines():
+    server = Gunicorn("stream_server", "gthread")
+    try:
+        forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
+        forged += "1.2.3.4 \x1b[2J"  # a new line, and an escape sequence: clear the screen
+        credentials = base64.b64encode(f"{forged}:password".encode()).decode()
+        # And control characters above 127 (Latin-1's NEL and CSI), which gunicorn lets
+        # through in header values, in the two headers of its default format.
+        headers = {
+            "Authorization": f"Basic {credentials}",
+            "User-Agent": "a\x9b2J",
+            "Referer": "b\x85",
+        }
+        response = requests.get(f"{server.url}/?crafted", headers=headers, timeout=WAIT)
+        assert response.status_code == 200, response.text
+        line = server.wait_for_line(r'"GET /\?crafted HTTP/1\.1"').string
+        # gunicorn's prefix, then the Common Log Format: all of it on this one line.
+        prefix = r"\[[^]]+\] \[\d+\] \[INFO\] "
+        access = prefix + r'127\.0\.0\.1 - - \[[^]]+\] "GET /\?crafted HTTP/1\.1" 200 \d+\n'
+        assert re.fullmatch(access, line), line
+        log = "".join(server.log)
+        assert "Mallory" not in log
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", log), repr(log)
+    finally:
+        server.stop()
+
+
+# Werkzeug's dev server, as each step's __main__ starts it
+
+DEV_STEPS = [
+    "stream_server",
+    "stream_server_multiuser",
+    "stream_server_multiuser_secure",
+    "stream_server_sse",
+    "stream_server_multiuser_refresh",
+]
+TLS_STEPS = {"stream_server_multiuser_secure": secure, "stream_server_multiuser_refresh": refresh}
+
+
+@pytest.fixture
+def dev_server(monkeypatch):
+    """Serve a step's app in this process as its __main__ does: Werkzeug's threaded server
+    with the step's RequestHandler, and HTTPS with the step's tls_context if given certs."""
+    servers = []
+
+    def start(step, tls=None) -> str:
+        monkeypatch.setitem(step.app.config, "JWT_SECRET_KEY", TEST_KEY)
+        context = step.tls_context(tls.cert_file, tls.key_file) if tls else None
+        server = make_server(
+            "127.0.0.1",
+            0,
+            step.app,
+            threaded=True,
+            ssl_context=context,
+            request_handler=step.RequestHandler,
+        )
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+@pytest.mark.parametrize("module", DEV_STEPS)
+def test_each_step_serves_with_its_request_handler(module, monkeypatch, tls):
+    runs = []
+    monkeypatch.setattr(Flask, "run", lambda app, **options: runs.append(options))
+    https = ["--cert", tls.cert_file, "--key", tls.key_file] if module in TLS_STEPS else []
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", *https])
+    monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
+    runpy.run_path(str(ROOT / f"{module}.py"), run_name="__main__")
+    [options] = runs
+    assert options["threaded"] is True
+    handler = options["request_handler"]
+    assert handler.__qualname__ == "RequestHandler"
+    assert handler.timeout == 5  # REQUEST_TIMEOUT
+
+
+@pytest.mark.parametrize("timer", ["TCP_USER_TIMEOUT", "settimeout"])
+def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
+    timer, dev_server, monkeypatch, caplog
+):
+    if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
+        monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
+    monkeypatch.setattr(multiuser, "WRITE_TIMEOUT", 0.5)  # 90 s in the step
+    monkeypatch.setattr(multiuser, "tracker", multiuser.StreamTracker())  # nothing served yet
+    caplog.set_level(logging.INFO, logger=multiuser.__name__)
+    url = dev_server(multiuser)
+    with stalled_client(url, "/stream/Staller?count=1000000&interval=0"):
+        # Ended while its client is still connected: a write timed out. Before, the stream
+        # stayed active, its thread blocked in a write, for as long as the client did.
+        wait_until(lambda: started_and_ended(stream_status(url)))
+    assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
+
+
+def logged_https_port(process: subprocess.Popen) -> int:
+    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
+    for line in process.stderr:
+        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("the server exited without saying where it serves HTTPS")
+
+
+@pytest.mark.parametrize("module", list(TLS_STEPS))
+def test_an_idle_connection_does_not_hold_up_https(module, tls):
+    command = [sys.executable, f"{module}.py", "--port", "0"]
+    command += ["--cert", tls.cert_file, "--key", tls.key_file]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = logged_https_port(process)
+        url = f"https://127.0.0.1:{port}"
+        # Connected, and silent: no TLS handshake. Before, the server waited for it in the
+        # one thread that accepts every connection, and served no one else meanwhile.
+        with socket.create_connection(("127.0.0.1", port)):
+            # A client that checks the server's certificate against the test CA.
+            checked = {"verify": tls.ca_file, "timeout": WAIT}
+            minted = requests.post(f"{url}/generate_token", json={"user_id": "Al"}, **checked)
+            assert minted.status_code == 200, minted.text
+            headers = bearer(minted.json()["access_token"])
+            with requests.get(
+                f"{url}/stream?count=2&interval=0", headers=headers, stream=True, **checked
+            ) as response:
+                assert response.status_code == 200, response.text
+                lines = list(response.iter_lines())
+        assert b"chunk 2 of 2 for Al" in lines[1]
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("step", list(TLS_STEPS.values()), ids=list(TLS_STEPS))
+def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monkeypatch):
+    monkeypatch.setattr(step.RequestHandler, "timeout", 0.2)  # REQUEST_TIMEOUT, 5 s in the step
+    url = dev_server(step, tls)
+    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=WAIT) as idle:
+        # The server closes the connection (b""); before, recv() waited on for WAIT seconds.
+        assert idle.recv(1) == b""
+    minted = requests.post(
+        f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
+    )
+    assert minted.status_code == 200, minted.text
