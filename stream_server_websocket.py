@@ -26,7 +26,7 @@ import socket
 import ssl
 from collections import deque
 from contextlib import suppress
-from time import monotonic, time
+from time import monotonic, sleep, time
 
 import jwt
 from flask import Flask, Response, abort, g, jsonify, request
@@ -34,6 +34,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
+from werkzeug.serving import WSGIRequestHandler
 from wsproto.utilities import RemoteProtocolError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ sock = Sock(app)
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# At interval=0 a stream never pauses, and while its client keeps reading, none of its
+# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
+# run only when it waits: such a stream would keep its whole worker to itself until it ends.
+# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
+# before it looks at the network, as gevent's documentation warns.)
+TURN = 500
+# Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
+# then to accept each piece of the answer. Without them, a client that connects and sends
+# nothing, or that stops reading, holds its thread forever. A client may take as long to
+# accept a chunk as the server may take to send one, so WRITE_TIMEOUT exceeds MAX_INTERVAL.
+REQUEST_TIMEOUT = 5
+WRITE_TIMEOUT = 90
 MAX_TOKEN_LENGTH = 1024  # ours are about 250 characters; refuse to parse anything huge
 # The JWT header that marks an access token (RFC 9068). Every step that takes tokens
 # requires it, so a token minted for another purpose (a refresh token) opens no stream.
@@ -244,12 +257,15 @@ class Channel:
         return message
 
     def send(self, message: dict) -> None:
-        """Send one message as soon as the client has room for it."""
+        """Send one message as soon as the client has room for it, within WRITE_TIMEOUT."""
         # A client that reads nothing fills the socket's buffers, and ws.send() would block;
         # meanwhile simple-websocket's own thread queues every message that arrives, with no
         # limit and no option to set one. So wait for room here (looking again every 50 ms),
         # taking the commands off that queue as they arrive: Flooding bounds them.
+        deadline = monotonic() + WRITE_TIMEOUT
         while not self.has_room():
+            if monotonic() > deadline:  # it accepts nothing more: end it, as if it had gone
+                raise TimeoutError(f"the client accepted no data for {WRITE_TIMEOUT} s")
             if (command := self._take(timeout=0.05)) is not None:
                 self.waiting.append(command)
                 if len(self.waiting) >= MAX_COMMANDS:
@@ -291,13 +307,16 @@ def stream(ws) -> None:
                 channel.send(obey(message, state))
                 continue
             sent += 1
+            if not state["interval"] and sent % TURN == 0:
+                sleep(0.000001)  # a moment for the other streams: see TURN
             text = f"chunk {sent} of {count} for {user_id}"
             channel.send({"type": "chunk", "number": sent, "text": text})
             next_chunk_at = monotonic() + state["interval"]
         channel.send({"type": "end", "sent": sent})
         logger.info("stream finished for %s: %d of %d chunks sent", user_id, sent, count)
     # The client closed, or vanished and a send or ping failed (ConnectionClosed), or it
-    # reset the connection before simple-websocket noticed (OSError, from the socket).
+    # reset the connection before simple-websocket noticed, or accepted nothing for
+    # WRITE_TIMEOUT (OSError, from the socket; TimeoutError is one).
     except (ConnectionClosed, OSError):
         logger.info("%s disconnected after %d of %d chunks", user_id, sent, count)
     except Flooding:
@@ -347,11 +366,41 @@ def error_as_json(error: HTTPException) -> Response:
     return response
 
 
+class DeferredHandshake(ssl.SSLContext):
+    """A server context whose connections do their TLS handshake on their first read, in
+    their own thread, within REQUEST_TIMEOUT. By default the handshake happens in accept(),
+    in the one thread that accepts every connection: a client that connected and sent
+    nothing would stop the server."""
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect=False, **kwargs)
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """HTTPS: without it, anyone on the network path can read the bearer tokens."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = DeferredHandshake(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context
+
+
+def set_write_timeout(sock: socket.socket) -> None:
+    """End the connection of a client that accepts no data for WRITE_TIMEOUT seconds: the
+    write that waits fails with TimeoutError, and the stream ends as if the client hung up."""
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: the kernel keeps the time, at no cost
+        sock.settimeout(None)  # REQUEST_TIMEOUT is over
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT * 1000))
+    else:  # elsewhere Python does, with one more system call for every write
+        sock.settimeout(WRITE_TIMEOUT)
+
+
+class RequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler, with REQUEST_TIMEOUT and WRITE_TIMEOUT on its connection."""
+
+    timeout = REQUEST_TIMEOUT  # setup() puts it on the socket, before the request is read
+
+    def run_wsgi(self) -> None:
+        set_write_timeout(self.connection)  # the request is in: now the answer
+        super().run_wsgi()
 
 
 if __name__ == "__main__":
@@ -370,4 +419,10 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     app.config["JWT_SECRET_KEY"] = load_secret_key()
     # One thread per WebSocket.
-    app.run(host=args.host, port=args.port, threaded=True, ssl_context=context)
+    app.run(
+        host=args.host,
+        port=args.port,
+        threaded=True,
+        ssl_context=context,
+        request_handler=RequestHandler,
+    )

@@ -302,6 +302,7 @@ DEV_STEPS = [
     "stream_server_multiuser",
     "stream_server_multiuser_secure",
     "stream_server_sse",
+    "stream_server_websocket",
     "stream_server_multiuser_refresh",
 ]
 TLS_STEPS = {"stream_server_multiuser_secure": secure, "stream_server_multiuser_refresh": refresh}

@@ -326,6 +326,21 @@ def test_commands_waiting_for_a_client_that_reads_nothing_are_bounded(
     wait_until(lambda: "Stalled sent too many commands" in caplog.text)
 
 
+def test_a_client_that_stops_reading_is_let_go_after_the_write_timeout(
+    base_url, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    # A stand-in for a client that has stopped reading: its socket never has room again.
+    # Before, the stream waited for room forever, holding its thread.
+    monkeypatch.setattr(server.Channel, "has_room", lambda channel: False)
+    monkeypatch.setattr(server, "WRITE_TIMEOUT", 0.2)
+    ws = open_ws(base_url, "count=1000&interval=0", token_for("Staller"))
+    try:
+        wait_until(lambda: "Staller disconnected after" in caplog.text)
+    finally:
+        ws.shutdown()
+
+
 def test_a_wrong_content_type_gets_415(base_url):
     response = requests.post(
         f"{base_url}/generate_token",
