@@ -577,14 +577,18 @@ def capacity(
         row["RSS KB/stream"] = memory.growth / 1024 / count
         # Each chunk's lateness against its schedule, the first chunk's arrival plus `interval`
         # for each chunk since, once every stream is open.
-        lateness = []
+        # And how much longer than `interval` each gap between two chunks took: a stream
+        # delayed once stays late by as much, since each pause starts when a chunk has gone.
+        lateness, gaps = [], []
         for each in streams:
             for number, arrival in enumerate(each.arrivals[1:], 1):
                 due = each.arrivals[0] + number * args.interval
                 if due >= all_open:
                     lateness.append(arrival - due)
+                    gaps.append(arrival - each.arrivals[number - 1] - args.interval)
         p50, p99, most = percentiles(lateness)
         row |= {"late p50 ms": p50 * 1000, "late p99 ms": p99 * 1000, "late max ms": most * 1000}
+        row["gap over p99 ms"] = percentiles(gaps)[1] * 1000
         row |= usage.stop()
         row["error kinds"] = errors_by_kind(streams)
         return row
@@ -959,33 +963,47 @@ def machine() -> dict:
 
 def report(results: dict) -> list[str]:
     about, settings = results["machine"], results["settings"]
+    window = format_cell("", settings["window"] or "all of them")
+    ports, somaxconn = (format_cell("", about.get(key)) for key in ("local ports", "somaxconn"))
     lines = [
         f"Run {results['date']}{' (quick)' if settings['quick'] else ''} on {about['system']}, "
         f"{about['cpu']}, {about['cores']} cores, {about['memory GiB']} GiB, Python "
         f"{about['python']}, Redis {about['redis']}. Load average (1 min) "
         f"{results['load'][0]:.2f} at the start, {results['load'][1]:.2f} at the end: the "
-        "client, the servers and anything else running share the cores.",
+        "client, the servers and anything else running share the cores (the CPU columns say "
+        "who used what, in % of one core).",
+        "",
+        f"Limits: {settings['open files']}; {ports} local ports; somaxconn {somaxconn}; "
+        "the servers' listen backlog "
+        f"{settings['backlog']:,}; streams opening at once, at most: {window}.",
+        "",
+        "## Targets",
         "",
     ]
+    lines += [
+        f"- {'met' if t['met'] else 'NOT MET'}: {t['target']} ({t['figure']})"
+        for t in results["targets"]
+    ]
+    lines.append("")
     if rows := results.get("streams"):
         columns = [c for c in rows[0] if c != "chunks/s, runs"]
         lines += ["## Streams: step 2's app, one at a time and 10-500 at once", ""]
         lines += [*table(rows, columns), ""]
         gthread, dev = (next(r for r in rows if r["server"] == n) for n in list(SERVERS)[1::-1])
+        runs = "; ".join(
+            f"{row['server']} " + ", ".join(f"{x:,.0f}" for x in row["chunks/s, runs"])
+            for row in (dev, gthread)
+        )
+        ratio = gthread["chunks/s"] / dev["chunks/s"]
         lines += [
-            "Rate of one unpaced stream, each of three runs (chunks/s): "
-            + "; ".join(
-                f"{r['server']} " + ", ".join(f"{x:,.0f}" for x in r["chunks/s, runs"])
-                for r in (dev, gthread)
-            )
-            + f". gthread / dev server, best runs: {gthread['chunks/s'] / dev['chunks/s']:.2f} x "
-            "(a figure of this machine, not a target).",
+            f"Rate of one unpaced stream, each of three runs (chunks/s): {runs}. gthread / dev "
+            f"server, best runs: {ratio:.2f} x (a figure of this machine, not a target).",
             "",
         ]
     if rows := results.get("capacity"):
         lines += [
             f"## Capacity: N paced streams at once on one process ({settings['chunks']} chunks, "
-            f"{settings['interval']:g} s apart; {settings['open files']})",
+            f"{settings['interval']:g} s apart)",
             "",
             *table(rows, list(rows[0])),
             "",
@@ -998,11 +1016,6 @@ def report(results: dict) -> list[str]:
             *table(rows, list(rows[0])),
             "",
         ]
-    lines += ["## Targets", ""]
-    lines += [
-        f"- {'met' if t['met'] else 'NOT MET'}: {t['target']} ({t['figure']})"
-        for t in results["targets"]
-    ]
     return lines
 
 
