@@ -16,7 +16,7 @@ Three parts, all on 127.0.0.1:
 Then every target is checked in this one run and printed as met or not met with its figure.
 Every load is bounded in count and time, and every process is stopped by the PID it started.
 
-    python bench/bench.py                       # everything, full loads: about 15 minutes
+    python bench/bench.py                       # everything, full loads: about 12 minutes
     python bench/bench.py --quick               # everything, small loads: a minute (CI)
     python bench/bench.py --capacity            # only capacity; --capacity 2000,4000 another ladder
     python bench/bench.py --fanout 500,5000 --rate 10 --seconds 10   # only fan-out
@@ -86,12 +86,13 @@ CAPACITY_SERVERS = {
 }
 CHAT_GEVENT = [*CAPACITY_SERVERS["gunicorn -k gevent -w 1"][:-1], "stream_server_chat:app"]
 CHAT_UVICORN = [*UVICORN, "--backlog", "{backlog}", "chat_starlette_app:app"]
+FANOUT_FLASK = "Redis, 2 x gunicorn -k gevent -w 1"
+FANOUT_REFERENCE = "reference: Redis, 2 x uvicorn + Starlette + redis.asyncio"
 FANOUT_SETUPS = {  # name: command, instances, whether they share a redis-server
-    "Redis, 2 x gunicorn -k gevent -w 1": (CHAT_GEVENT, 2, True),
+    FANOUT_FLASK: (CHAT_GEVENT, 2, True),
     "in-process broker, 1 x gunicorn -k gevent -w 1": (CHAT_GEVENT, 1, False),
-    "reference: Redis, 2 x uvicorn + Starlette + redis.asyncio": (CHAT_UVICORN, 2, True),
+    FANOUT_REFERENCE: (CHAT_UVICORN, 2, True),
 }
-FANOUT_FLASK, FANOUT_REFERENCE = (name for name in FANOUT_SETUPS if name.startswith(("R", "ref")))
 REDIS = ["redis-server", "--bind", HOST, "--port", "{port}", "--save", "", "--appendonly", "no"]
 REDIS += ["--dir", "{folder}", "--protected-mode", "no", "--loglevel", "warning"]
 STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
