@@ -20,21 +20,23 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 LOOKS = [("tab:blue", "o-"), ("tab:orange", "s--"), ("tab:green", "^:")]  # one per server
 
 
-def draw(axes: Axes, rows: list[dict], name: str, x: str, y: str, look: tuple, **options) -> None:
+def draw(
+    axes: Axes, rows: list[dict], name: str, x: str, y: str, look: tuple, marked=False, **options
+) -> None:
     """One server's (or setup's) line: y against x over its rows, NaN (unmeasured) left out;
-    points where something failed are marked with how much."""
+    if `marked`, points where something failed say how much."""
     points = sorted((row[x], row[y], row) for row in rows if not math.isnan(row.get(y) or math.nan))
     color, style = look
     options.setdefault("label", name)
     axes.plot([p[0] for p in points], [p[1] for p in points], style, color=color, **options)
-    for at, value, row in points:
+    for number, (at, value, row) in enumerate(points):
         failed = row.get("errors", 0) + row.get("lost", 0) + row.get("duplicated", 0)
-        if failed and options.get("alpha", 1) == 1:
+        if failed and marked:  # every other one higher, so that neighbours do not overlap
             axes.annotate(
                 f"{failed:,} failed",
                 (at, value),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(-10, 6 + 10 * (number % 2)),
                 color=color,
                 fontsize=7,
             )
@@ -53,15 +55,17 @@ def target_line(axes: Axes, at: float, text: str) -> None:
     )
 
 
-def finish(figure: Figure, title: str, results: dict, path: Path) -> None:
+def finish(figure: Figure, title: str, results: dict, rows: list[dict], path: Path) -> None:
     about = results["machine"]
+    others = [row["other CPU %"] for row in rows]
     for axes in figure.axes:
         axes.grid(alpha=0.3)
         axes.set_ylim(bottom=0)
         axes.legend(fontsize=7)
     figure.suptitle(
         f"{title}\n{results['date']}, {about['cores']} cores ({about['cpu']}), Python "
-        f"{about['python']}; the client on the same cores",
+        f"{about['python']}\nthe client on the same cores; other programs used "
+        f"{min(others):.0f}-{max(others):.0f}% of one core meanwhile",
         fontsize=10,
     )
     figure.savefig(path, dpi=110)
@@ -74,7 +78,7 @@ def capacity(results: dict, path: Path) -> None:
     memory, lateness = figure.subplots(1, 2)
     for look, name in zip(LOOKS, dict.fromkeys(row["server"] for row in rows), strict=False):
         mine = [row for row in rows if row["server"] == name]
-        draw(memory, mine, name, "streams", "RSS KB/stream", look)
+        draw(memory, mine, name, "streams", "RSS KB/stream", look, marked=True)
         draw(lateness, mine, name, "streams", "late p99 ms", look, label=f"{name}, p99")
         draw(lateness, mine, name, "streams", "late p50 ms", look, alpha=0.4, label="p50")
     memory.set(title="Server RSS growth per open stream", xlabel="concurrent streams")
@@ -86,7 +90,7 @@ def capacity(results: dict, path: Path) -> None:
     title = (
         f"Capacity: step 2's app on ONE process, streams of {chunks} chunks {interval:g} s apart"
     )
-    finish(figure, title, results, path)
+    finish(figure, title, results, rows, path)
 
 
 def fanout(results: dict, path: Path) -> None:
@@ -97,7 +101,7 @@ def fanout(results: dict, path: Path) -> None:
         mine = [row for row in rows if row["setup"] == name]
         draw(latency, mine, name, "subscribers", "latency p99 ms", look, label=f"{name}, p99")
         draw(latency, mine, name, "subscribers", "latency p50 ms", look, alpha=0.4, label="p50")
-        draw(deliveries, mine, name, "subscribers", "deliveries/s", look)
+        draw(deliveries, mine, name, "subscribers", "deliveries/s", look, marked=True)
     target_line(latency, 500, "target: p99 within 500 ms")
     latency.set(title="Latency: from the POST's response to each receipt")
     latency.set(xlabel="subscribers", ylabel="ms")
@@ -112,7 +116,7 @@ def fanout(results: dict, path: Path) -> None:
     deliveries.set(title="Deliveries per second", xlabel="subscribers", ylabel="deliveries/s")
     seconds = results["settings"]["seconds"]
     title = f"Fan-out: the chat step, one poster at {rate:g} messages/s for {seconds:g} s"
-    finish(figure, title, results, path)
+    finish(figure, title, results, rows, path)
 
 
 def main(argv: list[str] | None = None) -> None:
