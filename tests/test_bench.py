@@ -1,16 +1,26 @@
-"""The benchmark's clients, against step 2's app in a real server: they read the streams
-whole and count every stream that fails, so its tables can be trusted. Its timings are read,
-not tested."""
+"""The benchmark's clients, against step 2's and step 7's apps in a real server and on bytes
+given to them: they read every stream whole and count every stream that fails and every
+message lost or duplicated, so that its tables can be trusted; its targets are judged from the
+figures. Its timings are read, not tested."""
 
+import time
+import uuid
 from urllib.parse import urlsplit
 
 import pytest
 
+import stream_server_chat as chat
 import stream_server_multiuser as server
 from bench import bench
-from helpers import free_port
+from helpers import TEST_KEY, WAIT, free_port
 
 pytestmark = pytest.mark.step(server)
+
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
 @pytest.fixture
@@ -33,6 +43,149 @@ def test_a_stream_cut_short_counts_as_failed(port, drop_connection):
 def test_a_refused_connection_counts_as_failed():
     _, failed = bench.concurrent_streams(free_port(), users=3)
     assert failed == 3
+
+
+def test_streams_opening_a_few_at_a_time_all_run(port, pauses):
+    streams = [bench.ChunkStream(port, f"/stream/w{n}?count=3&interval=1", 3) for n in range(7)]
+    bench.run_streams(streams, time.perf_counter() + WAIT, window=2)
+    assert [stream.error for stream in streams] == [None] * 7
+    assert [len(stream.arrivals) for stream in streams] == [3] * 7  # a time for every chunk
+    assert pauses == [1] * 14
+
+
+def test_an_error_status_counts_as_failed(port):
+    streams = [bench.ChunkStream(port, "/stream/x?count=zero", 10)]
+    bench.run_streams(streams, time.perf_counter() + WAIT)
+    assert streams[0].error == "answered 'HTTP/1.1 400 BAD REQUEST'"
+
+
+def test_a_stream_with_chunks_missing_counts_as_failed(port, pauses):
+    streams = [bench.ChunkStream(port, "/stream/short?count=2&interval=1", 3)]  # expects 3
+    bench.run_streams(streams, time.perf_counter() + WAIT)
+    assert streams[0].error == "2 of 3 chunks"
+
+
+def test_a_stream_counts_each_chunk_once_however_the_reads_split_it():
+    stream = bench.ChunkStream(1, "/stream/u", 2)
+    body = chunk(b"chunk 1 of 2 for u\n") + chunk(b"chunk 2 of 2 for u\n") + b"0\r\n\r\n"
+    second = body.index(b"\nchunk 2")
+    blocks = [HEAD + body[: second + 3], body[second + 3 : -3], body[-3:]]  # "\nchunk" split
+    assert [stream.receive(block, n) for n, block in enumerate(blocks)] == [False, False, True]
+    assert (stream.arrivals, stream.opened, stream.error) == ([0, 1], 0, None)
+
+
+def test_a_stream_that_ends_without_its_final_chunk_counts_as_failed():
+    stream = bench.ChunkStream(1, "/stream/u", 2)
+    assert not stream.receive(HEAD + chunk(b"chunk 1 of 2 for u\n"), 0)
+    assert stream.receive(b"", 1)  # the server closed the connection
+    assert stream.error == "cut short after 1 of 2 chunks"
+
+
+def test_a_subscriber_reads_ids_from_whole_lines_only():
+    stream = bench.EventStream(1, "/rooms/r/events", {})
+    event = chunk(b'id: 17-0\nevent: message\ndata: {"id": "17-0"}\n\n')
+    cut = event.index(b"id: 1") + 5  # the id line in two reads
+    blocks = [HEAD + chunk(b"retry: 2000\n\n"), event[:cut], event[cut:]]
+    assert not any(stream.receive(block, n) for n, block in enumerate(blocks))
+    assert (stream.ids, stream.times, stream.opened, stream.error) == ([b"17-0"], [2], 0, None)
+
+
+@pytest.mark.parametrize("kind", ["overflow", "error", "reset"])
+def test_a_subscriber_told_to_leave_counts_as_failed(kind):
+    stream = bench.EventStream(1, "/rooms/r/events", {})
+    assert stream.receive(HEAD + chunk(f"event: {kind}\ndata: {{}}\n\n".encode()), 0)
+    assert stream.error == f"event: {kind}"
+
+
+def test_a_subscription_the_server_ends_counts_as_failed(port):
+    streams = [bench.EventStream(port, "/stream/u?count=1", {})]  # a stream that ends by itself
+    bench.run_streams(streams, time.perf_counter() + WAIT)
+    assert streams[0].error == "closed by the server after 0 messages"
+
+
+def test_a_refused_subscription_counts_as_failed():
+    streams = [bench.EventStream(free_port(), "/rooms/r/events", {})]
+    bench.run_streams(streams, time.perf_counter() + WAIT)
+    assert streams[0].error == "ECONNREFUSED"
+
+
+def test_subscribers_get_every_posted_message_once(serve, monkeypatch):
+    """The fan-out client end to end, on the chat step in this process (its in-process broker):
+    the poster begins once every subscriber is open, as in the benchmark."""
+    monkeypatch.setitem(chat.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    port, room = urlsplit(serve(chat.app)).port, f"bench-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {bench.access_token(TEST_KEY, 'reader')}"}
+    streams = [bench.EventStream(port, f"/rooms/{room}/events", headers) for _ in range(4)]
+    poster = bench.Poster([port], bench.access_token(TEST_KEY, "poster"), 1000, 6, room)
+
+    def tick(now: float) -> bool:
+        if not poster.started and all(stream.opened for stream in streams):
+            poster.start()
+        return poster.done.is_set() and all(len(stream.ids) == 6 for stream in streams)
+
+    bench.run_streams(streams, time.perf_counter() + WAIT, tick=tick)
+    poster.join()
+    assert (len(poster.posted), poster.errors) == (6, 0)
+    received = [[message_id.decode() for message_id in stream.ids] for stream in streams]
+    checked = bench.check_deliveries(list(poster.posted), received)
+    assert checked == {"lost": 0, "duplicated": 0, "unexpected": 0, "out of order": 0}
+    assert [stream.error for stream in streams] == [None] * 4  # closed by the client: no error
+
+
+def test_the_checker_counts_lost_duplicated_unexpected_and_out_of_order_messages():
+    posted = ["1-0", "1-1", "2-0"]
+    received = [
+        ["1-0", "1-1", "2-0"],  # all
+        ["1-0", "2-0"],  # 1-1 lost
+        ["1-0", "1-1", "1-1", "2-0"],  # 1-1 twice
+        ["1-0", "2-0", "1-1", "9-0"],  # 1-1 after 2-0; 9-0 never posted
+    ]
+    checked = bench.check_deliveries(posted, received)
+    assert checked == {"lost": 1, "duplicated": 1, "unexpected": 1, "out of order": 1}
+
+
+def test_the_open_file_limit_that_caps_a_rung_is_said(monkeypatch):
+    limits = {"soft": 256}
+    monkeypatch.setattr(bench.resource, "getrlimit", lambda _: (limits["soft"], 1200))
+    monkeypatch.setattr(bench.resource, "setrlimit", lambda _, pair: limits.update(soft=pair[0]))
+    fits, note = bench.open_file_limit(5000)
+    assert (fits, limits["soft"]) == (1200 - bench.SPARE_FILES, 1200)  # raised to the hard limit
+    assert note.endswith(f"the hard limit caps a rung at {fits:,} streams")
+
+
+def capacity_row(streams: int, errors: int, rss: float, late: float, server: str) -> dict:
+    row = {"server": server, "streams": streams, "opening at once": 1000}
+    row |= {"completed": streams - errors, "errors": errors}
+    return row | {"RSS KB/stream": rss, "late p99 ms": late}
+
+
+def test_each_capacity_target_is_judged_from_its_figure():
+    results = {
+        "settings": {"window": 1000, "quick": False},
+        "capacity": [
+            capacity_row(10_000, 3, 20.0, 200.0, "gunicorn -k gevent -w 1"),
+            capacity_row(10_000, 0, 24.0, 100.0, bench.REFERENCE),
+        ],
+    }
+    targets = {t["target"]: (t["met"], t["figure"]) for t in bench.targets(results)}
+    assert targets["10,000 streams on one gevent worker with 0 errors"] == (
+        False,
+        "10,000 streams: 9,997 completed, 3 errors",
+    )
+    assert targets["RSS per stream at most 0.8 x the uvicorn reference's"] == (
+        False,
+        "10,000 streams: 20.0 KB / 24.0 KB = 0.83 x",
+    )
+    assert targets["chunk lateness p99 within 500 ms once all streams are open"][0]
+    results["targets"] = bench.targets(results)
+    assert bench.exit_status(results, check_targets=False) == 0  # a full run: numbers to read
+    assert bench.exit_status(results, check_targets=True) == 1  # --check: a missed target fails
+
+
+def test_a_failed_stream_in_a_quick_run_fails_it():
+    results = {"settings": {"window": 1000, "quick": True}, "targets": []}
+    results["capacity"] = [capacity_row(100, 1, 20.0, 10.0, "gunicorn -k gevent -w 1")]
+    assert bench.exit_status(results, check_targets=False) == 1
 
 
 def test_stream_times_each_chunk(port, pauses):
