@@ -46,6 +46,7 @@ app.config["TOKEN_LIFETIME"] = 15 * 60  # seconds
 app.config["HISTORY"] = 1000  # messages a room keeps, about (XADD MAXLEN ~): how far resume reaches
 app.config["PRESENCE_TTL"] = 30  # seconds: a process that died stops being counted by then
 app.config["QUEUE"] = 1000  # messages waiting for one subscriber; one more and it is let go
+app.config["CONNECTIONS"] = 50  # to Redis, for this process's requests (see broker())
 # Settings from the environment too, where there are no flags: CHAT_HISTORY=100 gunicorn ...
 app.config.from_prefixed_env("CHAT")
 
@@ -110,9 +111,9 @@ class Broker:
     rooms followed here and queues each for every subscriber, in a bounded queue each."""
 
     def __init__(self, connect: Callable[..., redis.Redis]) -> None:
-        self.redis = connect(socket_timeout=5, socket_connect_timeout=5)
+        self.redis = connect()
         self.every = app.config["PRESENCE_TTL"] / 3  # seconds between presence refreshes
-        self.reader = connect(socket_timeout=self.every + 5, single_connection_client=True)
+        self.reader = connect(single_connection_client=True)
         self.instance = secrets.token_hex(6)  # names this process's keys in Redis
         self.wake_key = f"chat-wake:{self.instance}"
         self.lock = threading.Lock()
@@ -238,14 +239,24 @@ def broker() -> Broker:
     with BROKER_LOCK:
         if "chat" not in app.extensions:
             url = os.environ.get("REDIS_URL")
+            # At most CONNECTIONS to Redis for the requests of this process, however many
+            # subscribers join at once: beyond them a request waits for a free one (a
+            # BlockingConnectionPool) instead of failing with "Too many connections". The
+            # socket timeout outlasts the reader's XREAD BLOCK, which ends every `every` s.
+            options = {"decode_responses": True, "socket_timeout": app.config["PRESENCE_TTL"]}
+            options |= {"max_connections": app.config["CONNECTIONS"]}
             if url:
                 logger.info("rooms are in Redis: every process that shares it serves them")
-                connect = partial(redis.Redis.from_url, url, decode_responses=True)
+
+                def connect(**client) -> redis.Redis:
+                    pool = redis.BlockingConnectionPool.from_url(url, **options)
+                    return redis.Redis(connection_pool=pool, **client)
+
             else:  # fakeredis: the same commands, served from this process's memory
                 logger.warning("REDIS_URL is unset: rooms live in this process, which serves "
                                "them alone (no other worker or host sees them)")
-                server = fakeredis.FakeServer()
-                connect = partial(fakeredis.FakeRedis, server=server, decode_responses=True)
+                options |= {"connection_pool_class": redis.BlockingConnectionPool}
+                connect = partial(fakeredis.FakeRedis, server=fakeredis.FakeServer(), **options)
             app.extensions["chat"] = Broker(connect)
         return app.extensions["chat"]
 

@@ -980,3 +980,29 @@ def test_screenshot_of_the_page(chat, base, browser, follow, monkeypatch):
 def test_help_prints_only_the_help():
     # Nothing happens at import: no warning about the key before the reader asked for help.
     assert only_help("stream_server_chat.py")
+
+
+def test_many_subscribers_joining_at_once_wait_for_a_connection_instead_of_failing(chat, room):
+    # Before, beyond the pool's connections a join failed with "Too many connections": a
+    # 503 for the newcomer, and, when the reader's presence write found no connection, an
+    # `event: error` for every open stream. Now the pool is bounded and a join waits.
+    assert isinstance(chat.redis.connection_pool, redis.BlockingConnectionPool)
+    assert chat.redis.connection_pool.max_connections == server.app.config["CONNECTIONS"]
+    start, joined, failed = threading.Barrier(12), [], []
+
+    def join(n: int) -> None:
+        start.wait(WAIT)
+        try:
+            joined.append(chat.subscribe(room, f"User{n}", None)[0])
+        except redis.RedisError as error:
+            failed.append(error)
+
+    threads = [threading.Thread(target=join, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    for inbox in joined:
+        chat.unsubscribe(room, inbox)
+    assert failed == []
+    assert len(joined) == 12
