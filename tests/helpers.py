@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,6 +79,14 @@ def only_help(script: str) -> bool:
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT
     )
     return result.returncode == 0 and result.stdout.startswith("usage:") and not result.stderr
+
+
+def logged_https_port(process: subprocess.Popen) -> int:
+    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
+    for line in process.stderr:
+        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
+            return int(match.group(1))
+    raise AssertionError("the server exited without saying where it serves HTTPS")
 
 # Step 5's WebSocket messages are JSON objects, each with a "type".
 

@@ -26,7 +26,7 @@ import show_chunks
 import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
 import stream_server_multiuser_secure as secure
-from helpers import ROOT, TEST_KEY, WAIT, bearer, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, logged_https_port, token_for, wait_until
 from services import Gunicorn
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
@@ -368,13 +368,6 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
         wait_until(lambda: started_and_ended(stream_status(url)))
     assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
 
-
-def logged_https_port(process: subprocess.Popen) -> int:
-    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
-    for line in process.stderr:
-        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
-            return int(match.group(1))
-    raise AssertionError("the server exited without saying where it serves HTTPS")
 
 
 @pytest.mark.parametrize("module", list(TLS_STEPS))

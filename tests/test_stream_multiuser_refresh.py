@@ -26,7 +26,17 @@ import stream_server as step_1_server
 import stream_server_multiuser_refresh as server
 import stream_server_multiuser_secure as secure_server
 import stream_server_websocket as websocket_server
-from helpers import ROOT, TEST_KEY, WAIT, bearer, free_port, only_help, token_for, wait_until
+from helpers import (
+    ROOT,
+    TEST_KEY,
+    WAIT,
+    bearer,
+    free_port,
+    logged_https_port,
+    only_help,
+    token_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.step(server)
 
@@ -557,13 +567,6 @@ def test_the_servers_serve_https_only_with_cert_and_key(tls, module):
         process.wait(WAIT)
         process.stderr.close()
 
-
-def logged_https_port(process: subprocess.Popen) -> int:
-    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
-    for line in process.stderr:
-        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
-            return int(match.group(1))
-    raise AssertionError("the server exited without saying where it serves HTTPS")
 
 
 def test_a_missing_certificate_stops_the_server_with_a_clear_message(tmp_path):

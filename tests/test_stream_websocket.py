@@ -4,7 +4,6 @@ import io
 import json
 import logging
 import os
-import re
 import socket
 import struct
 import subprocess
@@ -27,6 +26,7 @@ from helpers import (
     TEST_KEY,
     WAIT,
     free_port,
+    logged_https_port,
     next_of_type,
     only_help,
     receive,
@@ -379,13 +379,6 @@ def test_the_server_serves_https_only_with_cert_and_key(tls, capsys):
         process.wait(WAIT)
         process.stderr.close()
 
-
-def logged_https_port(process: subprocess.Popen) -> int:
-    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
-    for line in process.stderr:
-        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
-            return int(match.group(1))
-    raise AssertionError("the server exited without saying where it serves HTTPS")
 
 
 def test_cert_without_key_is_refused():
