@@ -143,7 +143,8 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
                             yield event
                     problem = "the server ended the stream"
         except requests.RequestException as error:
-            if not parser.last_id and isinstance(error, requests.ConnectionError):
+            # Never reached the server (it sends `retry:` first, even to an empty room): say so.
+            if parser.retry_ms is None and isinstance(error, requests.ConnectionError):
                 raise cannot_connect(url, error) from None
             problem = "the connection was lost"
         failures += 1

@@ -1006,3 +1006,35 @@ def test_many_subscribers_joining_at_once_wait_for_a_connection_instead_of_faili
         chat.unsubscribe(room, inbox)
     assert failed == []
     assert len(joined) == 12
+
+
+def test_client_in_a_quiet_room_reconnects_when_the_server_goes(monkeypatch, capsys):
+    # Before, a client that had seen no message yet took the first refused reconnection for
+    # a server that had never run, and quit at once.
+    class Quiet:  # a stream that says `retry:`, then ends: the server went away
+        status_code, ok, headers, url = 200, True, {"Content-Type": "text/event-stream"}, ""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def iter_content(self, chunk_size=None, decode_unicode=False):
+            yield "retry: 2000\n\n"
+
+    answers = iter([Quiet()])
+
+    def get(*args, **kwargs):
+        answer = next(answers, None)
+        if answer is None:
+            raise requests.ConnectionError("refused")
+        return answer
+
+    waits: list[float] = []
+    monkeypatch.setattr(chat_client.requests, "get", get)
+    monkeypatch.setattr(chat_client, "bearer", lambda base, user: {})
+    monkeypatch.setattr(chat_client, "time", SimpleNamespace(sleep=waits.append))
+    with pytest.raises(chat_client.StreamError, match="5 reconnections failed"):
+        list(chat_client.follow("http://127.0.0.1:9", "lobby", "Alice"))
+    assert waits == [2, 4, 8, 16, 32]
