@@ -26,12 +26,21 @@ from services import Gunicorn, Nginx, RedisServer
 @pytest.fixture
 def serve() -> Iterator[Callable[..., str]]:
     """Run apps in Werkzeug's threaded server on 127.0.0.1, a free port each; give base URLs.
-    With an ssl_context, the server speaks HTTPS only."""
+    With an ssl_context, the server speaks HTTPS only; request_handler replaces Werkzeug's."""
     servers = []
 
-    def start(app: Flask, ssl_context: ssl.SSLContext | None = None) -> str:
+    def start(
+        app: Flask, ssl_context: ssl.SSLContext | None = None, request_handler: type | None = None
+    ) -> str:
         # threaded=True, as in the scripts: without it the server speaks HTTP/1.0, not chunked.
-        server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=ssl_context)
+        server = make_server(
+            "127.0.0.1",
+            0,
+            app,
+            threaded=True,
+            ssl_context=ssl_context,
+            request_handler=request_handler,
+        )
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         servers.append((server, thread))

@@ -20,7 +20,6 @@ import jwt
 import pytest
 import requests
 from flask import Flask
-from werkzeug.serving import make_server
 
 import show_chunks
 import stream_server_multiuser as multiuser
@@ -309,32 +308,16 @@ TLS_STEPS = {"stream_server_multiuser_secure": secure, "stream_server_multiuser_
 
 
 @pytest.fixture
-def dev_server(monkeypatch):
+def dev_server(serve, monkeypatch):
     """Serve a step's app in this process as its __main__ does: Werkzeug's threaded server
     with the step's RequestHandler, and HTTPS with the step's tls_context if given certs."""
-    servers = []
 
     def start(step, tls=None) -> str:
         monkeypatch.setitem(step.app.config, "JWT_SECRET_KEY", TEST_KEY)
         context = step.tls_context(tls.cert_file, tls.key_file) if tls else None
-        server = make_server(
-            "127.0.0.1",
-            0,
-            step.app,
-            threaded=True,
-            ssl_context=context,
-            request_handler=step.RequestHandler,
-        )
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
+        return serve(step.app, context, step.RequestHandler)
 
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
+    return start
 
 
 @pytest.mark.parametrize("module", DEV_STEPS)
