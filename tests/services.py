@@ -77,17 +77,25 @@ class Gunicorn:
     """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
 
     def __init__(
-        self, module: str, worker: str, threads: int = 8, extra: Sequence[str] = ()
+        self,
+        module: str,
+        worker: str,
+        threads: int = 8,
+        extra: Sequence[str] = (),
+        workers: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.module = module
         command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker]
-        command += ["-w", "1", "--threads", str(threads), "-b", "127.0.0.1:0", *extra]
+        command += ["-w", str(workers), "--threads", str(threads), "-b", "127.0.0.1:0", *extra]
         command += [f"{module}:app"]
         # On stop, a worker whose stream is paused in sleep() is killed after 1 s.
         command += ["--graceful-timeout", "1"]
-        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), **(env or {})}
+        # A session of its own: kill() reaches its workers too, and nothing else.
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
@@ -117,13 +125,18 @@ class Gunicorn:
             self.log.append(self.lines.get())
         return any(re.search(pattern, line) for line in self.log)
 
+    def kill(self) -> None:
+        """SIGKILL to master and workers at once: no cleanup, as when a host dies."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(WAIT)
+
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
         self.process.stdout.close()
 
 

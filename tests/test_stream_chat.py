@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from helpers import (
     token_for,
     wait_until,
 )
+from services import Gunicorn
 from stream_client_chat import Event, SSEParser
 
 
@@ -661,67 +660,17 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
 # Two gunicorn -k gevent instances sharing one real Redis: what no single process can show
 
 
-class Instance:
-    """`gunicorn -k gevent` running the chat step in one worker, on a free loopback port,
-    with REDIS_URL; stopped, or killed with SIGKILL, by its own process group id."""
-
-    def __init__(self, redis_url: str, presence_ttl: int = 2) -> None:
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", "gevent"]
-        command += ["-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "1"]
-        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": redis_url}
-        # A short bound for presence, so that a dead instance drops out within the test.
-        env["CHAT_PRESENCE_TTL"] = str(presence_ttl)
-        self.process = subprocess.Popen(
-            [*command, "stream_server_chat:app"], cwd=ROOT, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self._url = ""
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    @property
-    def url(self) -> str:
-        """The base URL, once gunicorn says where it listens."""
-        while not self._url:
-            try:
-                line = self.lines.get(timeout=WAIT)
-            except queue.Empty:
-                raise AssertionError(f"gunicorn never listened:\n{''.join(self.log)}") from None
-            self.log.append(line)
-            if match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line):
-                self._url = match.group(1)
-        return self._url
-
-    def logged(self, text: str) -> bool:
-        """Whether the instance has logged `text` so far; does not wait."""
-        while not self.lines.empty():
-            self.log.append(self.lines.get())
-        return any(text in line for line in self.log)
-
-    def kill(self) -> None:
-        """SIGKILL to master and worker at once: no cleanup, as when a host dies."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(WAIT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process.stdout.close()
+def start_instance(redis_url: str, presence_ttl: int = 2) -> Gunicorn:
+    """`gunicorn -k gevent` running the chat step in one worker, with REDIS_URL, and a short
+    bound for presence, so that a dead instance drops out within the test."""
+    env = {"REDIS_URL": redis_url, "CHAT_PRESENCE_TTL": str(presence_ttl)}
+    return Gunicorn("stream_server_chat", "gevent", env=env)
 
 
 @pytest.fixture(scope="module")
 def instances(redis_server):
     """Two instances, A and B, that share the one Redis."""
-    started = [Instance(redis_server.url) for _ in range(2)]
+    started = [start_instance(redis_server.url) for _ in range(2)]
     try:
         yield [instance.url for instance in started]
     finally:
@@ -784,7 +733,7 @@ def test_an_id_older_than_the_history_gets_a_reset_on_any_instance(
 def test_presence_counts_every_instance_and_forgets_a_dead_one(
     instances, redis_server, room, follow
 ):
-    a, doomed = instances[0], Instance(redis_server.url, presence_ttl=1)
+    a, doomed = instances[0], start_instance(redis_server.url, presence_ttl=1)
     try:
         for _ in range(2):
             follow(a, room, "Alice")
@@ -846,7 +795,7 @@ def test_through_nginx_each_message_arrives_as_it_is_posted(
 def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
     redis_server, nginx, room
 ):
-    both = [Instance(redis_server.url) for _ in range(2)]
+    both = [start_instance(redis_server.url) for _ in range(2)]
     walker = reader = None
     try:
         proxy = nginx(*(port_of(instance.url) for instance in both))
@@ -860,8 +809,9 @@ def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
         printed: queue.Queue[str] = queue.Queue()
         reader = threading.Thread(target=lambda: [printed.put(line) for line in walker.stdout])
         reader.start()
-        wait_until(lambda: any(i.logged(f"Walker in {room} started") for i in both))
-        doomed, survivor = sorted(both, key=lambda i: not i.logged(f"Walker in {room} started"))
+        started = f"Walker in {room} started"
+        wait_until(lambda: any(i.has_logged(started) for i in both))
+        doomed, survivor = sorted(both, key=lambda i: not i.has_logged(started))
         assert printed.get(timeout=WAIT).startswith(f"(in {room} as Walker: type a line")
         first = post(survivor.url, room, "before", user="Bob")
         assert printed.get(timeout=WAIT).endswith(" Bob: before\n")

@@ -3,8 +3,6 @@
 import json
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +35,7 @@ from helpers import (
     token_for,
     wait_until,
 )
+from services import Gunicorn
 
 pytestmark = pytest.mark.step(server)
 
@@ -599,23 +598,14 @@ pytest_mark_gunicorn = pytest.mark.skipif(
 )
 
 
-class Gunicorn:
-    """Step 6 under gunicorn.conf.py's two gthread workers, on a free port, with REDIS_URL.
-    (tests/test_serving.py has a general one; this one adds the two workers and Redis.)"""
+class TwoWorkers(Gunicorn):
+    """Step 6 under gunicorn.conf.py's two gthread workers, with REDIS_URL."""
 
-    def __init__(self, log: Path, redis_url: str) -> None:
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-w", "2"]
-        command += ["-b", "127.0.0.1:0", "--graceful-timeout", "1"]
-        command += ["stream_server_multiuser_refresh:app"]
-        env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": redis_url}
-        log.write_text("")
-        with log.open("a") as output:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-            )
-        self.log = log
-        wait_until(lambda: self.log.read_text().count("Booting worker") == 2)
-        self.url = re.search(r"Listening at: (http://\S+)", log.read_text()).group(1)
+    def __init__(self, redis_url: str) -> None:
+        env = {"REDIS_URL": redis_url}
+        super().__init__("stream_server_multiuser_refresh", "gthread", workers=2, env=env)
+        for _ in range(2):  # both workers up, so that either may answer
+            self.wait_for_line(r"Booting worker")
 
     def post(self, path: str, payload: dict) -> requests.Response:
         # A new connection each time (no session), so that either worker may answer.
@@ -626,14 +616,10 @@ class Gunicorn:
         assert response.status_code == 200, response.text
         return response.json()["refresh_token"]
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(WAIT)
-
 
 @pytest_mark_gunicorn
-def test_under_gunicorn_a_refresh_token_works_once_across_workers_and_restarts(tmp_path, redis_url):
-    gunicorn = Gunicorn(tmp_path / "first.log", redis_url)
+def test_under_gunicorn_a_refresh_token_works_once_across_workers_and_restarts(redis_url):
+    gunicorn = TwoWorkers(redis_url)
     try:
         # Concurrent double use, again and again: exactly one of each pair succeeds.
         start = threading.Barrier(2)
@@ -656,7 +642,7 @@ def test_under_gunicorn_a_refresh_token_works_once_across_workers_and_restarts(t
         unused = gunicorn.login()
     finally:
         gunicorn.stop()
-    gunicorn = Gunicorn(tmp_path / "second.log", redis_url)
+    gunicorn = TwoWorkers(redis_url)
     try:
         # After a restart: the used token, and its revoked login, are still refused.
         reused = gunicorn.post("/refresh_token", {"refresh_token": used})
