@@ -15,13 +15,14 @@ import argparse
 import json
 import logging
 import re
-import socket
 from collections.abc import Callable, Iterator
 from time import sleep
 
 from flask import Flask, Response, abort, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import WSGIRequestHandler
+
+# What a server needs to face slow, silent and hostile clients, shared: see serving.py.
+from serving import TURN, RequestHandler
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
@@ -29,18 +30,6 @@ app = Flask(__name__)
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
-# At interval=0 a stream never pauses, and while its client keeps reading, none of its
-# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
-# run only when it waits: such a stream would keep its whole worker to itself until it ends.
-# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
-# before it looks at the network, as gevent's documentation warns.)
-TURN = 500
-# Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
-# then to accept each piece of the answer. Without them, a client that connects and sends
-# nothing, or that stops reading, holds its thread forever. A client may take as long to
-# accept a chunk as the server may take to send one, so WRITE_TIMEOUT exceeds MAX_INTERVAL.
-REQUEST_TIMEOUT = 5
-WRITE_TIMEOUT = 90
 # Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
 USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 RETRY_MS = 2000  # sent as `retry:`: how long a client waits before it reconnects
@@ -160,26 +149,6 @@ def error_as_json(error: HTTPException) -> Response:
     response.set_data(json.dumps({"error": error.description}) + "\n")
     response.content_type = "application/json"
     return response
-
-
-def set_write_timeout(sock: socket.socket) -> None:
-    """End the connection of a client that accepts no data for WRITE_TIMEOUT seconds: the
-    write that waits fails with TimeoutError, and the stream ends as if the client hung up."""
-    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: the kernel keeps the time, at no cost
-        sock.settimeout(None)  # REQUEST_TIMEOUT is over
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT * 1000))
-    else:  # elsewhere Python does, with one more system call for every write
-        sock.settimeout(WRITE_TIMEOUT)
-
-
-class RequestHandler(WSGIRequestHandler):
-    """Werkzeug's request handler, with REQUEST_TIMEOUT and WRITE_TIMEOUT on its connection."""
-
-    timeout = REQUEST_TIMEOUT  # setup() puts it on the socket, before the request is read
-
-    def run_wsgi(self) -> None:
-        set_write_timeout(self.connection)  # the request is in: now the answer
-        super().run_wsgi()
 
 
 if __name__ == "__main__":

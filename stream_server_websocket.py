@@ -23,7 +23,6 @@ import re
 import secrets
 import select
 import socket
-import ssl
 from collections import deque
 from contextlib import suppress
 from time import monotonic, sleep, time
@@ -34,8 +33,10 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
-from werkzeug.serving import WSGIRequestHandler
 from wsproto.utilities import RemoteProtocolError
+
+# What a server needs to face slow, silent and hostile clients, shared: see serving.py.
+from serving import TURN, WRITE_TIMEOUT, RequestHandler, tls_context
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
@@ -49,18 +50,6 @@ sock = Sock(app)
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
-# At interval=0 a stream never pauses, and while its client keeps reading, none of its
-# writes waits either. Threads take turns regardless, but a gevent greenlet lets the others
-# run only when it waits: such a stream would keep its whole worker to itself until it ends.
-# So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
-# before it looks at the network, as gevent's documentation warns.)
-TURN = 500
-# Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
-# then to accept each piece of the answer. Without them, a client that connects and sends
-# nothing, or that stops reading, holds its thread forever. A client may take as long to
-# accept a chunk as the server may take to send one, so WRITE_TIMEOUT exceeds MAX_INTERVAL.
-REQUEST_TIMEOUT = 5
-WRITE_TIMEOUT = 90
 MAX_TOKEN_LENGTH = 1024  # ours are about 250 characters; refuse to parse anything huge
 # The JWT header that marks an access token (RFC 9068). Every step that takes tokens
 # requires it, so a token minted for another purpose (a refresh token) opens no stream.
@@ -366,43 +355,6 @@ def error_as_json(error: HTTPException) -> Response:
     return response
 
 
-class DeferredHandshake(ssl.SSLContext):
-    """A server context whose connections do their TLS handshake on their first read, in
-    their own thread, within REQUEST_TIMEOUT. By default the handshake happens in accept(),
-    in the one thread that accepts every connection: a client that connected and sent
-    nothing would stop the server."""
-
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
-        return super().wrap_socket(sock, server_side, do_handshake_on_connect=False, **kwargs)
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """HTTPS: without it, anyone on the network path can read the bearer tokens."""
-    context = DeferredHandshake(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    return context
-
-
-def set_write_timeout(sock: socket.socket) -> None:
-    """End the connection of a client that accepts no data for WRITE_TIMEOUT seconds: the
-    write that waits fails with TimeoutError, and the stream ends as if the client hung up."""
-    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: the kernel keeps the time, at no cost
-        sock.settimeout(None)  # REQUEST_TIMEOUT is over
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT * 1000))
-    else:  # elsewhere Python does, with one more system call for every write
-        sock.settimeout(WRITE_TIMEOUT)
-
-
-class RequestHandler(WSGIRequestHandler):
-    """Werkzeug's request handler, with REQUEST_TIMEOUT and WRITE_TIMEOUT on its connection."""
-
-    timeout = REQUEST_TIMEOUT  # setup() puts it on the socket, before the request is read
-
-    def run_wsgi(self) -> None:
-        set_write_timeout(self.connection)  # the request is in: now the answer
-        super().run_wsgi()
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -410,12 +362,10 @@ if __name__ == "__main__":
     parser.add_argument("--cert", help="certificate file (PEM): serve HTTPS only, with --key")
     parser.add_argument("--key", help="the certificate's private key file (PEM)")
     args = parser.parse_args()
-    if bool(args.cert) != bool(args.key):
-        parser.error("--cert and --key go together")
     try:
-        context = tls_context(args.cert, args.key) if args.cert else None
-    except OSError as error:  # a missing file, or one that holds no certificate or key
-        parser.error(f"cannot use --cert {args.cert} --key {args.key}: {error}")
+        context = tls_context(args.cert, args.key)  # None without them: plain HTTP
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     app.config["JWT_SECRET_KEY"] = load_secret_key()
     # One thread per WebSocket.

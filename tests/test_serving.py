@@ -21,6 +21,7 @@ import pytest
 import requests
 from flask import Flask
 
+import serving
 import show_chunks
 import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
@@ -341,7 +342,7 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
 ):
     if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
         monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
-    monkeypatch.setattr(multiuser, "WRITE_TIMEOUT", 0.5)  # 90 s in the step
+    monkeypatch.setattr(serving, "WRITE_TIMEOUT", 0.5)  # 90 s by default
     monkeypatch.setattr(multiuser, "tracker", multiuser.StreamTracker())  # nothing served yet
     caplog.set_level(logging.INFO, logger=multiuser.__name__)
     url = dev_server(multiuser)
