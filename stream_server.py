@@ -71,6 +71,7 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
 
 @app.get("/stream")
 def stream() -> Response:
+    """Stream `count` lines, each sent as one chunk the moment it is made."""
     # Validate before returning: once the first chunk is out, the status line
     # and headers are sent and a 400 is no longer possible.
     count = query_number("count", int, 10, 1, MAX_COUNT)
@@ -87,6 +88,7 @@ def stream() -> Response:
 
 @app.get("/")
 def index() -> Response:
+    """A note on what this server serves, with a command to try it."""
     example = f"curl -sN --raw '{request.host_url}stream?count=5&interval=1'"
     note = f"GET /stream?count=N&interval=SECONDS streams N lines.\nTry: {example}\n"
     return Response(note, mimetype="text/plain")
