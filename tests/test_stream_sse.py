@@ -1,6 +1,7 @@
 """Step 4: stream_server_sse.py and stream_client_sse.py (the browser page: test_browser.py)."""
 
 import itertools
+import os
 
 import pytest
 from flask import Flask
@@ -144,6 +145,18 @@ def test_bad_input_gets_400_json(client, path, error):
     response = client.get(path)
     assert response.status_code == 400
     assert response.json["error"].startswith(error)
+
+
+def test_status_counts_the_open_streams_by_name(client, monkeypatch):
+    monkeypatch.setattr(server, "tracker", server.StreamTracker())  # nobody streaming yet
+    streams = [client.get(path, buffered=False) for path in ("/events/Alice", "/tokens")]
+    for response in streams:
+        next(iter(response.response))  # the stream has started
+    active = {"events for Alice": 1, "tokens": 1}
+    assert client.get("/status").json == {"active": active, "served": 2, "pid": os.getpid()}
+    for response in streams:
+        response.close()  # what the server does when a client hangs up
+    assert client.get("/status").json == {"active": {}, "served": 2, "pid": os.getpid()}
 
 
 def test_the_page_is_served(client):
