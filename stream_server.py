@@ -88,7 +88,7 @@ def stream() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    """A note on what this server serves, with a command to try it."""
+    """What this server offers, for whoever opens it in a browser or with curl."""
     example = f"curl -sN --raw '{request.host_url}stream?count=5&interval=1'"
     note = f"GET /stream?count=N&interval=SECONDS streams N lines.\nTry: {example}\n"
     return Response(note, mimetype="text/plain")

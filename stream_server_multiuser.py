@@ -108,7 +108,7 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
 
 @app.get("/stream/<user_id>")
 def stream(user_id: str) -> Response:
-    """Stream `count` lines for `user_id`, each sent as one chunk the moment it is made."""
+    """Stream the personal feed of `user_id`: `count` items, `interval` seconds apart."""
     # Validate before returning: once the first chunk is out, the status line
     # and headers are sent and a 400 is no longer possible.
     if not USER_ID.fullmatch(user_id):
@@ -134,7 +134,7 @@ def status() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    """A note on what this server serves, with a command to try it."""
+    """What this server offers, for whoever opens it in a browser or with curl."""
     example = f"curl -sN '{request.host_url}stream/User1?count=5&interval=1'"
     note = (
         "GET /stream/<user_id>?count=N&interval=SECONDS streams N lines for one user.\n"

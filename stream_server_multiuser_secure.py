@@ -147,7 +147,7 @@ def status() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    """A note on what this server serves, with a command to try it."""
+    """What this server offers, for whoever opens it in a browser or with curl."""
     example = f"curl -sN -H 'Authorization: Bearer <token>' '{request.host_url}stream?count=5'"
     note = (
         "POST /generate_token mints a token; GET /stream?count=N&interval=SECONDS with it\n"

@@ -151,7 +151,7 @@ def query_number(name: str, convert: type, default: float, low: float, high: flo
 
 @app.get("/events/<user_id>")
 def stream(user_id: str) -> Response:
-    """Step 2's personal feed as `chunk` events, resuming after the Last-Event-ID."""
+    """Stream the personal feed of `user_id`: `count` items, `interval` seconds apart."""
     # Validate before returning: once the first chunk is out, the status line
     # and headers are sent and a 400 is no longer possible.
     if not USER_ID.fullmatch(user_id):
@@ -194,7 +194,7 @@ def status() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    """The page that follows a feed with EventSource and the tokens with fetch()."""
+    """What this server offers, for whoever opens it in a browser or with curl."""
     return app.send_static_file("sse.html")
 
 
