@@ -18,10 +18,11 @@ from datetime import datetime
 from typing import NamedTuple
 
 import requests
-from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
-DEFAULT_URL = "http://127.0.0.1:5000"
-STEP, SERVER = 7, "stream_server_chat.py"  # named in the error messages
+# One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
+from client_errors import DEFAULT_URL, Server, StreamError, base_url
+
+SERVER = Server(7, "stream_server_chat.py")  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
 LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
@@ -74,51 +75,10 @@ class SSEParser:
         return Event(kind, "\n".join(data), self.last_id) if data else None
 
 
-class StreamError(Exception):
-    """Something went wrong that the user should read as one line, not a traceback."""
-
-
-def start_it(problem: str) -> StreamError:
-    """A StreamError for a missing or wrong server, saying which one this step needs."""
-    return StreamError(f"{problem} Start it with: python {SERVER}")
-
-
-def base_url(url: str) -> str:
-    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
-    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
-        return url.rstrip("/")
-    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
-
-
-def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
-    """Say why no answer came: nothing listening, or a server that speaks no plain HTTP."""
-    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
-        return start_it(f"{url} gave no HTTP answer: it is not step {STEP}'s server.")
-    return start_it(f"cannot connect to {url}: is the server running?")
-
-
-def check_status(response: requests.Response, content_type: str) -> None:
-    """Let this step's answer through; make anything else a StreamError that says what it is."""
-    status, kind = response.status_code, response.headers.get("Content-Type", "")
-    if response.ok and kind.startswith(content_type):
-        return
-    # This step's server refuses bad input with a 400 (a 5xx: it failed, or a proxy did). Any
-    # other answer is another server's, often another step's: a 404, a 401, another type.
-    if status != 400 and status < 500:
-        answer = f"{status} {kind}" if response.ok else status
-        url = response.url.partition("?")[0]
-        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
-    try:
-        message = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        message = response.reason
-    raise StreamError(f"server answered {status}: {message}")
-
-
 def bearer(url: str, user: str) -> dict:
     """A freshly minted token for each request: here they are free (step 3's demo minting)."""
     minted = requests.post(f"{url}/generate_token", json={"user_id": user}, timeout=10)
-    check_status(minted, "application/json")
+    SERVER.check_status(minted, "application/json")
     return {"Authorization": f"Bearer {minted.json()['access_token']}"}
 
 
@@ -136,7 +96,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
             ) as r:
                 problem = "the server cannot reach Redis"  # it answers 503: try again later
                 if r.status_code != 503:
-                    check_status(r, "text/event-stream")
+                    SERVER.check_status(r, "text/event-stream")
                     for text in r.iter_content(chunk_size=None, decode_unicode=True):
                         for event in parser.feed(text):
                             failures = 0  # only a connection that brings events counts as working
@@ -145,7 +105,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
         except requests.RequestException as error:
             # Never reached the server (it sends `retry:` first, even to an empty room): say so.
             if parser.retry_ms is None and isinstance(error, requests.ConnectionError):
-                raise cannot_connect(url, error) from None
+                raise SERVER.cannot_connect(url, error) from None
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:
@@ -163,10 +123,10 @@ def say(url: str, room: str, user: str, text: str) -> str:
             f"{url}/rooms/{room}/messages", json=body, headers=headers, timeout=10
         )
     except requests.ConnectionError as error:
-        raise cannot_connect(url, error) from None
+        raise SERVER.cannot_connect(url, error) from None
     except requests.RequestException as error:  # a timeout
         raise StreamError(f"{url} did not answer in time ({error})") from None
-    check_status(posted, "application/json")
+    SERVER.check_status(posted, "application/json")
     return posted.json()["id"]
 
 

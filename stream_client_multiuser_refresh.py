@@ -23,15 +23,14 @@ from urllib.parse import urlsplit
 
 import requests
 
+# One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
+from client_errors import StreamError
+
 DEFAULT_URL = "http://127.0.0.1:5000"
 READ_TIMEOUT = 70.0  # longer than the server's longest interval (60 s)
 RETRIES = 5  # resumes in a row that bring no new line before giving up
 FIRST_WAIT = 1.0  # seconds before the first retry; each next one waits twice as long
 START_SERVER = "python stream_server_multiuser_refresh.py"
-
-
-class StreamError(Exception):
-    """Something went wrong that the user should read as one line, not a traceback."""
 
 
 class Interrupted(Exception):

@@ -11,7 +11,6 @@ Start the server first (python stream_server_multiuser_secure.py), then:
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -19,60 +18,50 @@ from datetime import datetime, timezone
 
 import jwt
 import requests
-from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
-DEFAULT_URL = "http://127.0.0.1:5000"
-STEP, SERVER = 3, "stream_server_multiuser_secure.py"  # named in the error messages
+# One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
+from client_errors import DEFAULT_URL, Server, StreamError, base_url
+
+# Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
+# bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
+SERVER = Server(3, "stream_server_multiuser_secure.py", refusals=(400, 401), https=True)
 # The read timeout is the longest silence allowed between two chunks, not a limit
 # on the whole stream, so it must be longer than the server's longest interval (60 s).
-LAST_DATE = datetime(9999, 12, 31, tzinfo=timezone.utc)
 READ_TIMEOUT = 70.0
+LAST_DATE = datetime(9999, 12, 31, tzinfo=timezone.utc)
 
 
-class StreamError(Exception):
-    """Something went wrong that the user should read as one line, not a traceback."""
-
-
-def start_it(problem: str) -> StreamError:
-    """A StreamError for a missing or wrong server, saying which one this step needs."""
-    return StreamError(f"{problem} Start it with: python {SERVER}")
-
-
-def base_url(url: str) -> str:
-    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
-    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
-        return url.rstrip("/")
-    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
-
-
-def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
-    """Say why no answer came: no server, HTTP and HTTPS mixed up, or a certificate not trusted."""
-    if "CERTIFICATE_VERIFY_FAILED" in str(error):  # HTTPS, from a CA this client does not know
-        return StreamError(f"cannot verify the certificate of {url}: pass its CA with --cacert")
-    if isinstance(error, requests.exceptions.SSLError):  # HTTPS, answered by something else
-        return StreamError(f"{url} speaks plain HTTP (started without --cert?): use http://")
-    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
-        return StreamError(f"{url} speaks HTTPS (started with --cert?): use https:// with --cacert")
-    return start_it(f"cannot connect to {url}: is the server running?")
-
-
-def check_status(response: requests.Response, content_type: str) -> None:
-    """Let this step's answer through; make anything else a StreamError that says what it is."""
-    status, kind = response.status_code, response.headers.get("Content-Type", "")
-    if response.ok and kind.startswith(content_type):
-        return
-    # This step's server refuses bad input with a 400 and a bad token with a 401 (a 5xx: it
-    # failed, or a proxy did). Any other answer is another server's: a 404, another type.
-    if status not in (400, 401) and status < 500:
-        answer = f"{status} {kind}" if response.ok else status
-        url = response.url.partition("?")[0]
-        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
+def stream_chunks(
+    url: str, token: str, count: int, interval: float, verify: str | bool
+) -> Iterator[str]:
+    """Yield the stream's chunks as text, each as soon as it has arrived."""
+    params = {"count": count, "interval": interval}
+    # The token goes in a header, never in the URL: URLs end up in logs and histories.
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
+    connected = False
     try:
-        body = response.json()
-        message = body.get("error_description") or body["error"]  # a 401 explains itself
-    except (ValueError, KeyError, TypeError, AttributeError):
-        message = response.reason
-    raise StreamError(f"server answered {status}: {message}")
+        # stream=True: return once the headers are in, leaving the body unread.
+        with requests.get(
+            url, params=params, headers=headers, stream=True, timeout=timeout, verify=verify
+        ) as response:
+            connected = True
+            SERVER.check_status(response, "text/plain")
+            # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
+            # A number would cut chunks into pieces of that size (and, on a body that
+            # is not chunked, wait until that many bytes have come); iter_lines holds
+            # text back until a newline arrives, so a chunk without one (a word of
+            # generated text, say) would wait for the next line. decode_unicode uses the
+            # charset the server named, and keeps a character split across chunks whole.
+            yield from response.iter_content(chunk_size=None, decode_unicode=True)
+    except requests.exceptions.ChunkedEncodingError:
+        raise StreamError("the stream was cut off before its end") from None
+    except (requests.ConnectionError, requests.Timeout) as error:
+        if connected or isinstance(error, requests.ReadTimeout):
+            raise StreamError(f"the server sent nothing for {READ_TIMEOUT:g}s") from None
+        raise SERVER.cannot_connect(url, error) from None
+    except requests.RequestException as error:  # a malformed URL, for one
+        raise StreamError(str(error)) from None
 
 
 def mint_token(base: str, user: str, verify: str | bool) -> str:
@@ -81,10 +70,10 @@ def mint_token(base: str, user: str, verify: str | bool) -> str:
     try:
         response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10), verify=verify)
     except requests.ConnectionError as error:
-        raise cannot_connect(url, error) from None
+        raise SERVER.cannot_connect(url, error) from None
     except requests.RequestException as error:  # a malformed URL, for one
         raise StreamError(str(error)) from None
-    check_status(response, "application/json")
+    SERVER.check_status(response, "application/json")
     return response.json()["access_token"]
 
 
@@ -105,30 +94,6 @@ def show_claims(token: str) -> None:
             print(f"token expires at {expires:%H:%M:%S} UTC")
         else:  # sent all the same: the server decides (it allows a few seconds of clock skew)
             print(f"token has expired (at {expires:%Y-%m-%d %H:%M:%S} UTC)")
-
-
-def stream_chunks(
-    url: str, token: str, count: int, interval: float, verify: str | bool
-) -> Iterator[str]:
-    """Yield the stream's chunks as text, each as soon as it has arrived (see step 1)."""
-    params = {"count": count, "interval": interval}
-    # The token goes in a header, never in the URL: URLs end up in logs and histories.
-    headers = {"Authorization": f"Bearer {token}"}
-    options = {"stream": True, "timeout": (3.05, READ_TIMEOUT), "verify": verify}
-    connected = False
-    try:
-        with requests.get(url, params=params, headers=headers, **options) as r:
-            connected = True
-            check_status(r, "text/plain")
-            yield from r.iter_content(chunk_size=None, decode_unicode=True)
-    except requests.exceptions.ChunkedEncodingError:
-        raise StreamError("the stream was cut off before its end") from None
-    except (requests.ConnectionError, requests.Timeout) as error:
-        if connected or isinstance(error, requests.ReadTimeout):
-            raise StreamError(f"the server sent nothing for {READ_TIMEOUT:g}s") from None
-        raise cannot_connect(url, error) from None
-    except requests.RequestException as error:
-        raise StreamError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

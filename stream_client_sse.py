@@ -15,11 +15,14 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import requests
-from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
-DEFAULT_URL = "http://127.0.0.1:5000"
-STEP, SERVER = 4, "stream_server_sse.py"  # named in the error messages
-READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
+# One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
+from client_errors import DEFAULT_URL, Server, StreamError, base_url
+
+SERVER = Server(4, "stream_server_sse.py")  # named in the error messages
+# The read timeout is the longest silence allowed between two chunks, not a limit
+# on the whole stream, so it must be longer than the server's longest interval (60 s).
+READ_TIMEOUT = 70.0
 LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
 
@@ -36,9 +39,7 @@ class SSEParser:
     def __init__(self) -> None:
         self.last_id = ""  # what to send as Last-Event-ID when reconnecting
         self.retry_ms: int | None = None  # how long the server asks us to wait before that
-        self._pending = ""
-        self._type = ""
-        self._data: list[str] = []
+        self._pending, self._type, self._data = "", "", []  # a line and an event, both unfinished
 
     def feed(self, text: str) -> list[Event]:
         self._pending += text
@@ -50,10 +51,10 @@ class SSEParser:
 
     def _line(self, line: str) -> Event | None:
         if not line:  # a blank line ends the event
-            return self._dispatch()
-        if line.startswith(":"):  # a comment, such as a keep-alive
-            return None
-        name, _, value = line.partition(":")
+            data, kind = self._data, self._type or "message"
+            self._data, self._type = [], ""
+            return Event(kind, "\n".join(data), self.last_id) if data else None
+        name, _, value = line.partition(":")  # a comment (": keep-alive") has no name: ignored
         value = value.removeprefix(" ")  # only one space after the colon is part of the syntax
         if name == "data":
             self._data.append(value)
@@ -63,68 +64,29 @@ class SSEParser:
             self.last_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
             self.retry_ms = int(value)
-        return None
-
-    def _dispatch(self) -> Event | None:
-        data, kind = self._data, self._type or "message"
-        self._data, self._type = [], ""
-        return Event(kind, "\n".join(data), self.last_id) if data else None
-
-
-class StreamError(Exception):
-    """Something went wrong that the user should read as one line, not a traceback."""
-
-
-def start_it(problem: str) -> StreamError:
-    """A StreamError for a missing or wrong server, saying which one this step needs."""
-    return StreamError(f"{problem} Start it with: python {SERVER}")
-
-
-def base_url(url: str) -> str:
-    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
-    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
-        return url.rstrip("/")
-    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
-
-
-def cannot_connect(url: str, error: requests.ConnectionError) -> StreamError:
-    """Say why no answer came: nothing listening, or a server that speaks no plain HTTP."""
-    if isinstance(error.args[0], ProtocolError):  # connected, then closed unanswered: HTTPS, say
-        return start_it(f"{url} gave no HTTP answer: it is not step {STEP}'s server.")
-    return start_it(f"cannot connect to {url}: is the server running?")
-
-
-def check_status(response: requests.Response, content_type: str) -> None:
-    """Let this step's answer through; make anything else a StreamError that says what it is."""
-    status, kind = response.status_code, response.headers.get("Content-Type", "")
-    if response.ok and kind.startswith(content_type):
-        return
-    # This step's server refuses bad input with a 400 (a 5xx: it failed, or a proxy did). Any
-    # other answer is another server's, often another step's: a 404, a 401, another type.
-    if status != 400 and status < 500:
-        answer = f"{status} {kind}" if response.ok else status
-        url = response.url.partition("?")[0]
-        raise start_it(f"{url} answered {answer}: it is not step {STEP}'s server.")
-    try:
-        message = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        message = response.reason
-    raise StreamError(f"server answered {status}: {message}")
 
 
 def follow(url: str, params: dict) -> Iterator[Event]:
     """Yield the events of one stream until its `end` event, reconnecting as EventSource does."""
     parser, failures = SSEParser(), 0
+    timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
     while True:
         headers = {"Accept": "text/event-stream"}
         if parser.last_id:
             headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
         try:
+            # stream=True: return once the headers are in, leaving the body unread.
             with requests.get(
-                url, params, headers=headers, stream=True, timeout=(3.05, READ_TIMEOUT)
-            ) as r:
-                check_status(r, "text/event-stream")
-                for text in r.iter_content(chunk_size=None, decode_unicode=True):
+                url, params, headers=headers, stream=True, timeout=timeout
+            ) as response:
+                SERVER.check_status(response, "text/event-stream")
+                # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
+                # A number would cut chunks into pieces of that size (and, on a body that
+                # is not chunked, wait until that many bytes have come); iter_lines holds
+                # text back until a newline arrives, so a chunk without one (a word of
+                # generated text, say) would wait for the next line. decode_unicode uses the
+                # charset the server named, and keeps a character split across chunks whole.
+                for text in response.iter_content(chunk_size=None, decode_unicode=True):
                     for event in parser.feed(text):
                         failures = 0  # only a connection that brings events counts as working
                         yield event
@@ -133,7 +95,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
             problem = "the server closed the stream before its end"
         except requests.RequestException as error:
             if not parser.last_id and isinstance(error, requests.ConnectionError):
-                raise cannot_connect(url, error) from None
+                raise SERVER.cannot_connect(url, error) from None
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:

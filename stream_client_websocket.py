@@ -22,14 +22,13 @@ import requests
 import urllib3
 import websocket
 
+# One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
+from client_errors import StreamError
+
 DEFAULT_URL = "http://127.0.0.1:5000"
 READ_TIMEOUT = 70.0  # longer than the longest interval the server allows (60 s)
 print_lock = threading.Lock()  # two threads print: the reader and the command sender
 COMMANDS = "pause, resume, interval <seconds>, stop"
-
-
-class StreamError(Exception):
-    """Something went wrong that the user should read as one line, not a traceback."""
 
 
 def say(started: float, text: str) -> None:

@@ -256,8 +256,9 @@ def test_client_reports_a_stream_cut_off_midway(serve, drop_connection, capsys):
     assert captured.err == "error: the stream was cut off before its end\n"
 
 
-def test_client_gives_up_when_the_server_goes_silent(serve, gated):
-    chunks = stream_client.stream_chunks(serve(server.app), count=2, interval=5, read_timeout=0.2)
+def test_client_gives_up_when_the_server_goes_silent(serve, gated, monkeypatch):
+    monkeypatch.setattr(stream_client, "READ_TIMEOUT", 0.2)
+    chunks = stream_client.stream_chunks(serve(server.app) + "/stream", count=2, interval=5)
     assert next(chunks) == "chunk 1 of 2\n"
     with pytest.raises(stream_client.StreamError, match=r"sent nothing for 0\.2s"):
         next(chunks)

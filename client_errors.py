@@ -1,0 +1,81 @@
+"""What every step's client says when something goes wrong, shared so that no step repeats it.
+
+Not a step of its own: a client that meets no server, another step's server, a refusal or a
+URL that is no server's prints one line saying so, never a traceback, and names the server to
+start when that is the cure. Each client names its server once and asks it:
+
+    SERVER = Server(1, "stream_server.py")             # step 1's server, named in its errors
+    SERVER.check_status(response, "text/plain")         # lets the step's own answer through
+    raise SERVER.cannot_connect(url, error) from None   # says why a connection failed
+"""
+
+import re
+from dataclasses import dataclass
+
+import requests
+from urllib3.exceptions import ProtocolError  # requests is built on urllib3
+
+DEFAULT_URL = "http://127.0.0.1:5000"  # where every step's server listens unless told otherwise
+
+
+class StreamError(Exception):
+    """Something went wrong that the user should read as one line, not a traceback."""
+
+
+def base_url(url: str) -> str:
+    """--url without its trailing slash; a StreamError unless it is a server's base URL."""
+    if re.fullmatch(r"https?://[^/?#\s]+/*", url):
+        return url.rstrip("/")
+    raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
+
+
+@dataclass(frozen=True)
+class Server:
+    """The server a step's client needs: its errors name the step and the file to start."""
+
+    step: int
+    file: str
+    # The statuses that server refuses a request with, saying why in its JSON: bad input gets
+    # a 400 from every step's server; step 3's refuses a bad token with a 401 too.
+    refusals: tuple[int, ...] = (400,)
+    # Whether that server may speak HTTPS (started with --cert): then a client that speaks the
+    # other scheme, or does not trust its certificate, is told so.
+    https: bool = False
+
+    def start_it(self, problem: str) -> StreamError:
+        """A StreamError for a missing or wrong server, saying which one this step needs."""
+        return StreamError(f"{problem} Start it with: python {self.file}")
+
+    def cannot_connect(self, url: str, error: requests.ConnectionError) -> StreamError:
+        """Say why no answer came: nothing listening, a server that speaks no plain HTTP, or (for
+        a server that may speak HTTPS) the schemes mixed up or a certificate not trusted."""
+        dropped = isinstance(error.args[0], ProtocolError)  # connected, then closed unanswered
+        if self.https and "CERTIFICATE_VERIFY_FAILED" in str(error):  # from a CA not known here
+            return StreamError(f"cannot verify the certificate of {url}: pass its CA with --cacert")
+        if self.https and isinstance(error, requests.exceptions.SSLError):  # plain HTTP answered
+            return StreamError(f"{url} speaks plain HTTP (started without --cert?): use http://")
+        if self.https and dropped:  # what a server started with --cert does to plain HTTP
+            return StreamError(
+                f"{url} speaks HTTPS (started with --cert?): use https:// with --cacert"
+            )
+        if dropped:  # an HTTPS server, say: not this step's
+            return self.start_it(f"{url} gave no HTTP answer: it is not step {self.step}'s server.")
+        return self.start_it(f"cannot connect to {url}: is the server running?")
+
+    def check_status(self, response: requests.Response, content_type: str) -> None:
+        """Let this step's answer through; make anything else a StreamError that says what it is."""
+        status, kind = response.status_code, response.headers.get("Content-Type", "")
+        if response.ok and kind.startswith(content_type):
+            return
+        # This step's server explains its refusals (a 5xx: it failed, or a proxy did). Any
+        # other answer is another server's, often another step's: a 404, a 401, another type.
+        if status not in self.refusals and status < 500:
+            answer = f"{status} {kind}" if response.ok else status
+            url = response.url.partition("?")[0]
+            raise self.start_it(f"{url} answered {answer}: it is not step {self.step}'s server.")
+        try:
+            body = response.json()
+            message = body.get("error_description") or body["error"]  # a 401 explains itself
+        except (ValueError, KeyError, TypeError, AttributeError):
+            message = response.reason
+        raise StreamError(f"server answered {status}: {message}")

@@ -1,0 +1,60 @@
+"""The steps read as lessons (see the README's step table): each diff it shows is the new idea
+and nothing else, no file outgrows a reading, no step explains less than the one before it,
+and every route says what it is for."""
+
+import ast
+import difflib
+import re
+
+import pytest
+
+from helpers import ROOT
+
+README = (ROOT / "README.md").read_text()
+# The step table's "see the change" column: `diff <base> <step>` for each server.
+DIFFS = re.findall(r"^\| \d+ \| .*`diff (\S+) (\S+)` \|$", README, re.MULTILINE)
+CLIENTS = [(a.replace("_server", "_client"), b.replace("_server", "_client")) for a, b in DIFFS]
+PAIRS = DIFFS + CLIENTS
+STEPS = sorted({name for pair in PAIRS for name in pair})
+
+
+def lines(name: str) -> list[str]:
+    return (ROOT / name).read_text().splitlines()
+
+
+def full_line_comments(name: str) -> int:
+    return sum(line.lstrip().startswith("#") for line in lines(name))
+
+
+def test_the_step_table_shows_a_diff_for_every_step_after_the_first():
+    assert len(DIFFS) == len(re.findall(r"^\| \d+ \| ", README, re.MULTILINE)) - 1, DIFFS
+
+
+@pytest.mark.parametrize(("base", "step"), PAIRS, ids=[step for _, step in PAIRS])
+def test_a_diff_is_the_new_idea_only(base, step):
+    changed = list(difflib.unified_diff(lines(base), lines(step), lineterm="", n=0))
+    added = [line for line in changed[2:] if line.startswith("+") and line[1:].strip()]
+    removed = [line for line in changed[2:] if line.startswith("-") and line[1:].strip()]
+    assert len(removed) <= 30, "\n".join(removed)  # only what the new step replaces
+    assert len(added) <= 120 or step == "stream_server_chat.py", len(added)
+
+
+@pytest.mark.parametrize(("base", "step"), PAIRS, ids=[step for _, step in PAIRS])
+def test_a_step_explains_at_least_as_much_as_its_base(base, step):
+    assert full_line_comments(step) >= full_line_comments(base)
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_a_step_fits_a_reading(name):
+    assert len(lines(name)) <= (240 if "_server" in name else 140)
+
+
+@pytest.mark.parametrize("name", [name for name in STEPS if "_server" in name])
+def test_every_route_says_what_it_is_for(name):
+    tree = ast.parse((ROOT / name).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and any(
+            isinstance(d, ast.Call) and getattr(d.func, "attr", "") in {"get", "post", "route"}
+            for d in node.decorator_list
+        ):
+            assert ast.get_docstring(node), f"{name}: {node.name}() has no docstring"
