@@ -3,9 +3,10 @@
 New since step 4: a stream no longer comes from a generator per client. A message
 POSTed to a room is stored once, in the room's Redis Stream, and each server
 process reads new messages with ONE Redis connection and hands each of them to all
-of its subscribers. The message's id is its Stream id, so a client that reconnects,
-to this process or any other, resumes from the stored history with Last-Event-ID:
-no gap, no duplicate. Step 3's tokens say who is talking; GET / serves a chat page.
+of its subscribers (rooms.py does that part). The message's id is its Stream id, so
+a client that reconnects, to this process or any other, resumes from the stored
+history with Last-Event-ID: no gap, no duplicate. Step 3's tokens say who is
+talking; GET / serves a chat page.
 
     export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
     python stream_server_chat.py               # no REDIS_URL: rooms in memory, one process
@@ -25,17 +26,17 @@ import logging
 import os
 import queue
 import re
-import secrets
 import threading
-from collections import Counter
 from collections.abc import Iterator
-from contextlib import suppress
-from time import monotonic, sleep
 
 import fakeredis
 import redis
 from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
+
+# The rooms in Redis, shared by every process: one reader each, a bounded queue per
+# subscriber, presence that expires. See rooms.py.
+from rooms import Broker, order
 
 # What a server needs to face slow, silent and hostile clients, shared: see serving.py.
 from serving import RequestHandler
@@ -75,139 +76,11 @@ def event(data: str, event_type: str, event_id: str | None = None) -> str:
     return "\n".join(fields) + "\n\n"
 
 
-def order(message_id: str) -> tuple[int, int]:
-    """Stream ids compare as two numbers, not as text ("9-0" comes before "10-0")."""
-    milliseconds, _, sequence = message_id.partition("-")
-    return int(milliseconds), int(sequence)
-
-
 def message_event(message_id: str, fields: dict) -> str:
     """A stored message as an event; its time is Redis's clock, the first half of its id."""
     data = {"id": message_id, "user": fields["user"], "text": fields["text"]}
     data["time"] = order(message_id)[0] // 1000
     return event(json.dumps(data), "message", message_id)
-
-
-class Broker:
-    """A process's link to the rooms in Redis: pooled connections to write, and ONE to read,
-    used by one thread (a greenlet under gevent) that waits for new messages in the rooms
-    followed here and queues each for every subscriber, in a bounded queue each."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis, self.reader = client, client.client()  # the reader keeps one connection
-        self.instance = secrets.token_hex(6)  # names this process's keys in Redis
-        self.wake_key = f"chat-wake:{self.instance}"
-        self.lock = threading.Lock()
-        self.cursors: dict[str, str] = {}  # room: the newest id queued here
-        self.inboxes: dict[str, dict[queue.Queue, str]] = {}  # room: {inbox: its user}
-        self.changed = True  # presence to write at once
-        threading.Thread(target=self.read, daemon=True).start()
-
-    def subscribe(self, room: str, user: str, last_id: str | None) -> tuple:
-        """Join a room: an inbox for new messages, the events to send before them (the history
-        after last_id, if any), and the id those reach up to."""
-        # One place more than messages may take: for the final `overflow` or `error`.
-        key, inbox = f"chat:{room}", queue.Queue(app.config["QUEUE"] + 1)
-        newest = self.redis.xrevrange(key, count=1)
-        with self.lock:  # new messages are those after the room's cursor: history ends there
-            since = self.cursors.setdefault(room, newest[0][0] if newest else "0-0")
-            self.inboxes.setdefault(room, {})[inbox] = user
-            self.changed = True
-        self.wake()  # so that the reader reads this room, and counts its user, from now on
-        try:
-            first = []
-            if last_id and not self.redis.xrange(key, last_id, last_id):
-                # Trimmed away, or never ours: say so (a gap is never silent), then send all.
-                oldest = self.redis.xrange(key, count=1)
-                reset = {"first_id": oldest[0][0] if oldest else None}
-                first, last_id = [event(json.dumps(reset), "reset")], "0-0"
-            kept = self.redis.xrange(key, f"({last_id}", since) if last_id else []
-        except redis.RedisError:
-            self.unsubscribe(room, inbox)
-            raise
-        first += [message_event(*message) for message in kept]
-        return inbox, first, max(last_id or since, since, key=order)
-
-    def unsubscribe(self, room: str, inbox: queue.Queue) -> None:
-        with self.lock:
-            self.inboxes.get(room, {}).pop(inbox, None)
-            self.changed = True
-        self.wake()
-
-    def wake(self) -> None:
-        """End the reader's XREAD BLOCK early: it includes a stream that only we write to."""
-        with suppress(redis.RedisError):  # if Redis is down, the reader is awake anyway
-            self.redis.xadd(self.wake_key, {"wake": 1}, maxlen=1)
-
-    def read(self) -> None:
-        """The reader: waits for new messages, queues them, keeps presence up to date."""
-        woken, refresh_at, failing = "0-0", 0.0, False
-        while True:
-            every = app.config["PRESENCE_TTL"] / 3  # seconds between two writes of presence
-            try:
-                if self.changed or monotonic() >= refresh_at:
-                    self.write_presence()
-                    refresh_at = monotonic() + every
-                with self.lock:
-                    streams = {f"chat:{room}": cursor for room, cursor in self.cursors.items()}
-                streams[self.wake_key] = woken
-                for key, messages in self.reader.xread(streams, count=100, block=int(every * 1000)):
-                    if key == self.wake_key:
-                        woken = messages[-1][0]
-                    else:
-                        self.hand_over(key.removeprefix("chat:"), messages)
-                failing = False
-            except Exception as error:  # Redis down (or a bug): the one reader must live on
-                with self.lock:
-                    ended = [(room, i) for room, each in self.inboxes.items() for i in each]
-                    for room, inbox in ended:
-                        self.end(room, inbox, "error")
-                if ended or not failing:  # once, not every second while Redis is down
-                    logger.warning("Redis failed (%s): %d streams ended", error, len(ended))
-                failing = True
-                sleep(1)  # redis-py reconnects by itself on the next command
-
-    def hand_over(self, room: str, messages: list) -> None:
-        """Queue each message for every subscriber of the room; let go of any that lags."""
-        with self.lock:
-            for message_id, fields in messages:
-                if room not in self.cursors or order(message_id) <= order(self.cursors[room]):
-                    continue  # queued already (the room was left and joined again)
-                self.cursors[room] = message_id
-                text = message_event(message_id, fields)  # made once, queued for every stream
-                for inbox in list(self.inboxes[room]):
-                    if inbox.qsize() < app.config["QUEUE"]:
-                        inbox.put((message_id, text))
-                    else:  # too slow: memory stays bounded, and it resumes from history
-                        self.end(room, inbox, "overflow")
-
-    def end(self, room: str, inbox: queue.Queue, reason: str) -> None:
-        """With the lock held: the inbox gets nothing more, and `reason` last."""
-        del self.inboxes[room][inbox]
-        inbox.put(reason)
-        self.changed = True
-
-    def write_presence(self) -> None:
-        """Who follows each room here, in keys that expire: if this process dies, its
-        streams stop counting within PRESENCE_TTL seconds. Rooms left empty are dropped."""
-        with self.lock:
-            counts = {room: Counter(each.values()) for room, each in self.inboxes.items()}
-            for room in [room for room, users in counts.items() if not users]:
-                del self.inboxes[room], self.cursors[room]
-            self.changed = False
-        with self.redis.pipeline() as pipe:
-            for room, users in counts.items():
-                pipe.delete(key := f"chat-presence:{room}:{self.instance}")
-                if users:
-                    pipe.hset(key, mapping=users).expire(key, app.config["PRESENCE_TTL"])
-            pipe.expire(self.wake_key, app.config["PRESENCE_TTL"]).execute()
-
-    def presence(self, room: str) -> dict[str, int]:
-        """Open streams per user in a room, added up over every process that shares Redis."""
-        users: Counter[str] = Counter()
-        for key in self.redis.scan_iter(match=f"chat-presence:{room}:*", count=1000):
-            users.update({user: int(n) for user, n in self.redis.hgetall(key).items()})
-        return dict(users)
 
 
 BROKER_LOCK = threading.Lock()
@@ -232,7 +105,7 @@ def broker() -> Broker:
                                "them alone (no other worker or host sees them)")
                 pool = {"connection_pool_class": redis.BlockingConnectionPool}
                 client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), **options, **pool)
-            app.extensions["chat"] = Broker(client)
+            app.extensions["chat"] = Broker(client, app.config, message_event)
         return app.extensions["chat"]
 
 
@@ -294,7 +167,10 @@ def post_message(room: str) -> Response:
 def events(room: str) -> Response:
     """Follow a room: its messages as events, after Last-Event-ID if the client sends one."""
     user, chat = authenticated_user(), broker()
-    inbox, first, sent = chat.subscribe(checked(room), user, last_event_id())
+    inbox, gap, kept, sent = chat.subscribe(checked(room), user, last_event_id())
+    # A gap is never silent: `reset` says where the history now begins, then comes all of it.
+    first = [event(json.dumps(gap), "reset")] if gap else []
+    first += [message_event(*message) for message in kept]
     response = sse_response(event_stream(f"{user} in {room}", inbox, first, sent))
     # Called when the server closes the response, even if the client left before the first event.
     response.call_on_close(lambda: chat.unsubscribe(room, inbox))
