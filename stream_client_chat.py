@@ -9,70 +9,23 @@ Start the server first (python stream_server_chat.py), then in two terminals:
 
 import argparse
 import json
-import re
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import NamedTuple
 
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
 from client_errors import DEFAULT_URL, Server, StreamError, base_url
 
+# Step 4's reader of Server-Sent Events, as it is: see stream_client_sse.py.
+from stream_client_sse import Event, SSEParser
+
 SERVER = Server(7, "stream_server_chat.py")  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
-LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
-
-
-class Event(NamedTuple):
-    type: str
-    data: str
-    id: str
-
-
-class SSEParser:
-    """Turns text, fed in pieces of any size, into events, by the rules of the HTML standard."""
-
-    def __init__(self) -> None:
-        self.last_id = ""  # what to send as Last-Event-ID when reconnecting
-        self.retry_ms: int | None = None  # how long the server asks us to wait before that
-        self._pending = ""
-        self._type = ""
-        self._data: list[str] = []
-
-    def feed(self, text: str) -> list[Event]:
-        self._pending += text
-        # A CR at the very end may be the first half of a CRLF: keep it for the next piece.
-        held = "\r" if self._pending.endswith("\r") else ""
-        *lines, rest = LINE_END.split(self._pending.removesuffix(held))
-        self._pending = rest + held
-        return [event for line in lines if (event := self._line(line))]
-
-    def _line(self, line: str) -> Event | None:
-        if not line:  # a blank line ends the event
-            return self._dispatch()
-        if line.startswith(":"):  # a comment, such as a keep-alive
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")  # only one space after the colon is part of the syntax
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._type = value
-        elif name == "id" and "\0" not in value:
-            self.last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry_ms = int(value)
-        return None
-
-    def _dispatch(self) -> Event | None:
-        data, kind = self._data, self._type or "message"
-        self._data, self._type = [], ""
-        return Event(kind, "\n".join(data), self.last_id) if data else None
 
 
 def bearer(url: str, user: str) -> dict:
@@ -91,9 +44,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
             headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
         try:
             headers.update(bearer(base, user))
-            with requests.get(
-                url, headers=headers, stream=True, timeout=(3.05, READ_TIMEOUT)
-            ) as r:
+            with requests.get(url, headers=headers, stream=True, timeout=(3.05, READ_TIMEOUT)) as r:
                 problem = "the server cannot reach Redis"  # it answers 503: try again later
                 if r.status_code != 503:
                     SERVER.check_status(r, "text/event-stream")
@@ -118,10 +69,8 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
 def say(url: str, room: str, user: str, text: str) -> str:
     """Post one message; its id, once the server has stored it."""
     try:
-        headers, body = bearer(url, user), {"text": text}
-        posted = requests.post(
-            f"{url}/rooms/{room}/messages", json=body, headers=headers, timeout=10
-        )
+        headers, path = bearer(url, user), f"{url}/rooms/{room}/messages"
+        posted = requests.post(path, json={"text": text}, headers=headers, timeout=10)
     except requests.ConnectionError as error:
         raise SERVER.cannot_connect(url, error) from None
     except requests.RequestException as error:  # a timeout

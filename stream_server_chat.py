@@ -3,9 +3,10 @@
 New since step 4: a stream no longer comes from a generator per client. A message
 POSTed to a room is stored once, in the room's Redis Stream, and each server
 process reads new messages with ONE Redis connection and hands each of them to all
-of its subscribers. The message's id is its Stream id, so a client that reconnects,
-to this process or any other, resumes from the stored history with Last-Event-ID:
-no gap, no duplicate. Step 3's tokens say who is talking; GET / serves a chat page.
+of its subscribers (rooms.py does that part). The message's id is its Stream id, so
+a client that reconnects, to this process or any other, resumes from the stored
+history with Last-Event-ID: no gap, no duplicate. Step 3's tokens say who is
+talking; GET / serves a chat page.
 
     export JWT_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
     python stream_server_chat.py               # no REDIS_URL: rooms in memory, one process
@@ -25,28 +26,32 @@ import logging
 import os
 import queue
 import re
-import secrets
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import suppress
-from functools import partial
-from time import monotonic, sleep, time
+from collections.abc import Iterator
 
 import fakeredis
-import jwt
 import redis
 from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
+# The rooms in Redis, shared by every process: one reader each, a bounded queue per
+# subscriber, presence that expires. See rooms.py.
+from rooms import Broker, order
+
+# What a server needs to face slow, silent and hostile clients, shared: see serving.py.
+from serving import RequestHandler
+
+# Step 3's tokens, shared: see tokens.py. They say who is talking.
+from tokens import authenticated_user, json_object, load_secret_key, tokens
+
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
+app.register_blueprint(tokens)  # POST /generate_token, and 401s for bad tokens
 app.config["MAX_CONTENT_LENGTH"] = 16 * 1024  # a message of 1,000 characters, even escaped
-app.config["TOKEN_LIFETIME"] = 15 * 60  # seconds
 app.config["HISTORY"] = 1000  # messages a room keeps, about (XADD MAXLEN ~): how far resume reaches
 app.config["PRESENCE_TTL"] = 30  # seconds: a process that died stops being counted by then
 app.config["QUEUE"] = 1000  # messages waiting for one subscriber; one more and it is let go
-app.config["CONNECTIONS"] = 50  # to Redis, for this process's requests (see broker())
+app.config["CONNECTIONS"] = 50  # to Redis, at most, from this process
 # Settings from the environment too, where there are no flags: CHAT_HISTORY=100 gunicorn ...
 app.config.from_prefixed_env("CHAT")
 
@@ -54,14 +59,6 @@ app.config.from_prefixed_env("CHAT")
 USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 RETRY_MS = 2000  # sent as `retry:`: how long a client waits before it reconnects
 HEARTBEAT = 15.0  # seconds: a quiet stream sends a comment this often, or proxies may cut it
-MAX_TOKEN_LENGTH = 1024  # ours are about 250 characters; refuse to parse anything huge
-# The JWT header that marks an access token (RFC 9068). Every step that takes tokens
-# requires it, so a token minted for another purpose (a refresh token) opens no stream.
-ACCESS_TOKEN_TYPE = "at+jwt"
-# Seconds of clock difference forgiven in exp and iat: a token minted on a host whose
-# clock runs slightly ahead is not "not valid yet" here.
-CLOCK_LEEWAY = 10
-REALM = "streams"
 # 1 to 1,000 characters, not all spaces, and no lone surrogate: "\ud800" is valid JSON,
 # but not Unicode that Redis could store as UTF-8.
 TEXT = re.compile(r"(?=.*\S)[^\ud800-\udfff]{1,1000}", re.DOTALL)
@@ -70,165 +67,20 @@ TEXT = re.compile(r"(?=.*\S)[^\ud800-\udfff]{1,1000}", re.DOTALL)
 STREAM_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 
 
-def load_secret_key(required: bool = False) -> bytes:
-    """The HS256 signing key, from JWT_SECRET_KEY; never written in code. Called at start
-    (here in __main__, under gunicorn by gunicorn.conf.py), never at import."""
-    secret = os.environ.get("JWT_SECRET_KEY")
-    if secret is None and not required:
-        # Random per process: tokens die with it, and another process rejects them.
-        logger.warning("JWT_SECRET_KEY is unset: tokens will not survive a restart")
-        return secrets.token_bytes(32)
-    if secret is None or len(secret.encode()) < 32:
-        # HS256 is only as strong as its key: it needs 256 bits (RFC 7518, section 3.2).
-        raise SystemExit("JWT_SECRET_KEY must be set to a key of 32 bytes or more (for HS256)")
-    return secret.encode()
-
-
 def event(data: str, event_type: str, event_id: str | None = None) -> str:
     """One event: its id and type, a `data:` line for each line of text, and a blank line."""
     fields = [] if event_id is None else [f"id: {event_id}"]
     fields.append(f"event: {event_type}")
+    # A line break inside data would end the field: each line of text gets its own `data:`.
     fields += [f"data: {line}" for line in data.split("\n")]
     return "\n".join(fields) + "\n\n"
 
 
-def order(message_id: str) -> tuple[int, int]:
-    """Stream ids compare as two numbers, not as text ("9-0" comes before "10-0")."""
-    milliseconds, _, sequence = message_id.partition("-")
-    return int(milliseconds), int(sequence)
-
-
 def message_event(message_id: str, fields: dict) -> str:
     """A stored message as an event; its time is Redis's clock, the first half of its id."""
-    seconds = int(message_id.partition("-")[0]) // 1000
-    data = {"id": message_id, "user": fields["user"], "text": fields["text"], "time": seconds}
+    data = {"id": message_id, "user": fields["user"], "text": fields["text"]}
+    data["time"] = order(message_id)[0] // 1000
     return event(json.dumps(data), "message", message_id)
-
-
-class Broker:
-    """A process's link to the rooms in Redis: a pool of connections to write, and ONE to
-    read, used by one thread (a greenlet under gevent) that waits for new messages in the
-    rooms followed here and queues each for every subscriber, in a bounded queue each."""
-
-    def __init__(self, connect: Callable[..., redis.Redis]) -> None:
-        self.redis = connect()
-        self.every = app.config["PRESENCE_TTL"] / 3  # seconds between presence refreshes
-        self.reader = connect(single_connection_client=True)
-        self.instance = secrets.token_hex(6)  # names this process's keys in Redis
-        self.wake_key = f"chat-wake:{self.instance}"
-        self.lock = threading.Lock()
-        self.cursors: dict[str, str] = {}  # room: the newest id queued here
-        self.inboxes: dict[str, dict[queue.Queue, str]] = {}  # room: {inbox: its user}
-        self.changed = True  # presence to write at once
-        threading.Thread(target=self.read, daemon=True).start()
-
-    def subscribe(self, room: str, user: str, last_id: str | None) -> tuple:
-        """Join a room. Returns an inbox for new messages, the events to send before them
-        (the history after last_id), and the id that those reach up to."""
-        # One place more than messages may take: for the final `overflow` or `error`.
-        key, inbox = f"chat:{room}", queue.Queue(app.config["QUEUE"] + 1)
-        newest = self.redis.xrevrange(key, count=1)
-        with self.lock:  # new messages are those after the room's cursor: history ends there
-            since = self.cursors.setdefault(room, newest[0][0] if newest else "0-0")
-            self.inboxes.setdefault(room, {})[inbox] = user
-            self.changed = True
-        self.wake()  # so that the reader reads this room, and counts its user, from now on
-        try:
-            if last_id is None:
-                return inbox, [], since
-            if self.redis.xrange(key, last_id, last_id):  # still kept: resume right after it
-                kept = self.redis.xrange(key, f"({last_id}", since)
-                return inbox, [message_event(*m) for m in kept], max(last_id, since, key=order)
-            # Trimmed away, or never ours: say so (a gap is never silent), then send what is kept.
-            kept, first = self.redis.xrange(key, "-", since), self.redis.xrange(key, count=1)
-            reset = event(json.dumps({"first_id": first[0][0] if first else None}), "reset")
-            return inbox, [reset, *(message_event(*m) for m in kept)], since
-        except redis.RedisError:
-            self.unsubscribe(room, inbox)
-            raise
-
-    def unsubscribe(self, room: str, inbox: queue.Queue) -> None:
-        with self.lock:
-            self.inboxes.get(room, {}).pop(inbox, None)
-            self.changed = True
-        self.wake()
-
-    def wake(self) -> None:
-        """End the reader's XREAD BLOCK early: it includes a stream that only we write to."""
-        with suppress(redis.RedisError):  # if Redis is down, the reader is awake anyway
-            self.redis.xadd(self.wake_key, {"wake": 1}, maxlen=1)
-
-    def read(self) -> None:
-        """The reader: waits for new messages, queues them, keeps presence up to date."""
-        woken, refresh_at, failing = "0-0", 0.0, False
-        while True:
-            try:
-                if self.changed or monotonic() >= refresh_at:
-                    self.write_presence()
-                    refresh_at = monotonic() + self.every
-                with self.lock:
-                    streams = {f"chat:{room}": cursor for room, cursor in self.cursors.items()}
-                streams[self.wake_key] = woken
-                block = int(self.every * 1000)
-                for key, messages in self.reader.xread(streams, count=100, block=block):
-                    if key == self.wake_key:
-                        woken = messages[-1][0]
-                    else:
-                        self.hand_over(key.removeprefix("chat:"), messages)
-                failing = False
-            except Exception as error:  # Redis down (or a bug): the one reader must live on
-                with self.lock:
-                    ended = [(room, i) for room, each in self.inboxes.items() for i in each]
-                    for room, inbox in ended:
-                        self.end(room, inbox, "error")
-                if ended or not failing:  # once, not every second while Redis is down
-                    logger.warning("Redis failed (%s): %d streams ended", error, len(ended))
-                failing = True
-                sleep(1)  # redis-py reconnects by itself on the next command
-
-    def hand_over(self, room: str, messages: list) -> None:
-        """Queue each message for every subscriber of the room; let go of any that lags."""
-        with self.lock:
-            for message_id, fields in messages:
-                if room not in self.cursors or order(message_id) <= order(self.cursors[room]):
-                    continue  # queued already (the room was left and joined again)
-                self.cursors[room] = message_id
-                text = message_event(message_id, fields)  # made once, queued for every stream
-                for inbox in list(self.inboxes[room]):
-                    if inbox.qsize() < app.config["QUEUE"]:
-                        inbox.put((message_id, text))
-                    else:  # too slow: memory stays bounded, and it resumes from history
-                        self.end(room, inbox, "overflow")
-
-    def end(self, room: str, inbox: queue.Queue, reason: str) -> None:
-        """With the lock held: the inbox gets nothing more, and `reason` last."""
-        del self.inboxes[room][inbox]
-        inbox.put(reason)
-        self.changed = True
-
-    def write_presence(self) -> None:
-        """Who follows each room here, in keys that expire: if this process dies, its
-        streams stop counting within PRESENCE_TTL seconds. Rooms left empty are dropped."""
-        with self.lock:
-            counts = {room: Counter(each.values()) for room, each in self.inboxes.items()}
-            for room in [room for room, users in counts.items() if not users]:
-                del self.inboxes[room], self.cursors[room]
-            self.changed = False
-        ttl = app.config["PRESENCE_TTL"]
-        with self.redis.pipeline() as pipe:
-            for room, users in counts.items():
-                key = f"chat-presence:{room}:{self.instance}"
-                pipe.delete(key)
-                if users:
-                    pipe.hset(key, mapping=users).expire(key, ttl)
-            pipe.expire(self.wake_key, ttl).execute()
-
-    def presence(self, room: str) -> dict[str, int]:
-        """Open streams per user in a room, added up over every process that shares Redis."""
-        users: Counter[str] = Counter()
-        for key in self.redis.scan_iter(match=f"chat-presence:{room}:*", count=1000):
-            users.update({user: int(n) for user, n in self.redis.hgetall(key).items()})
-        return dict(users)
 
 
 BROKER_LOCK = threading.Lock()
@@ -238,120 +90,27 @@ def broker() -> Broker:
     """This process's Broker, made on first use: under gunicorn, in each worker."""
     with BROKER_LOCK:
         if "chat" not in app.extensions:
-            url = os.environ.get("REDIS_URL")
-            # At most CONNECTIONS to Redis for the requests of this process, however many
-            # subscribers join at once: beyond them a request waits for a free one (a
-            # BlockingConnectionPool) instead of failing with "Too many connections". The
-            # socket timeout outlasts the reader's XREAD BLOCK, which ends every `every` s.
+            # A BlockingConnectionPool: beyond CONNECTIONS, a request waits for a free one
+            # instead of failing with "Too many connections". The socket timeout outlasts
+            # the reader's XREAD BLOCK.
             options = {"decode_responses": True, "socket_timeout": app.config["PRESENCE_TTL"]}
             options |= {"max_connections": app.config["CONNECTIONS"]}
-            if url:
+            if url := os.environ.get("REDIS_URL"):
                 logger.info("rooms are in Redis: every process that shares it serves them")
-
-                def connect(**client) -> redis.Redis:
-                    pool = redis.BlockingConnectionPool.from_url(url, **options)
-                    return redis.Redis(connection_pool=pool, **client)
-
+                client = redis.Redis(
+                    connection_pool=redis.BlockingConnectionPool.from_url(url, **options)
+                )
             else:  # fakeredis: the same commands, served from this process's memory
                 logger.warning("REDIS_URL is unset: rooms live in this process, which serves "
                                "them alone (no other worker or host sees them)")
-                options |= {"connection_pool_class": redis.BlockingConnectionPool}
-                connect = partial(fakeredis.FakeRedis, server=fakeredis.FakeServer(), **options)
-            app.extensions["chat"] = Broker(connect)
+                pool = {"connection_pool_class": redis.BlockingConnectionPool}
+                client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), **options, **pool)
+            app.extensions["chat"] = Broker(client, app.config, message_event)
         return app.extensions["chat"]
 
 
-class Unauthenticated(Exception):
-    """No usable credentials: answered with 401 and a Bearer challenge (RFC 6750)."""
-
-    def __init__(self, description: str | None = None) -> None:
-        super().__init__(description)
-        self.description = description  # None when no token was sent at all
-
-
-def authenticate(body: dict) -> str:
-    """Decide which user is asking for a token.
-
-    DEMO ONLY: anyone may claim any user id, as in the tutorial this project
-    comes from. In production this is where a real service checks credentials
-    (a password against its stored hash, a session, a login at an identity
-    provider) and returns the user id that those credentials belong to.
-    """
-    user_id = body.get("user_id")
-    if user_id is None:
-        abort(400, "user_id is missing")
-    if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
-        rule = "1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots"
-        abort(400, f"user_id must be a string of {rule}")
-    return user_id
-
-
-def json_object() -> dict:
-    """The request body as a JSON object, or 415 or 400 saying what is wrong."""
-    if not request.is_json:
-        abort(415, "send the body as JSON, with Content-Type: application/json")
-    try:
-        body = request.get_json(silent=True)  # None if it does not parse
-    except RecursionError:  # "[" nested a thousand deep: json gives up with this, not ValueError
-        body = None
-    if not isinstance(body, dict):
-        abort(400, 'the body must be a JSON object such as {"user_id": "User1"}')
-    return body
-
-
-@app.post("/generate_token")
-def generate_token() -> Response:
-    """Mint an access token for the user that authenticate() vouches for."""
-    user_id = authenticate(json_object())
-    now = int(time())
-    lifetime = app.config["TOKEN_LIFETIME"]
-    # A JWT is signed, not encrypted: anyone holding it can read these claims,
-    # so nothing secret goes in. The signature only proves we wrote them.
-    claims = {"sub": user_id, "iat": now, "exp": now + lifetime}
-    key, header = app.config["JWT_SECRET_KEY"], {"typ": ACCESS_TOKEN_TYPE}
-    token = jwt.encode(claims, key, algorithm="HS256", headers=header)
-    logger.info("minted a token for %s", user_id)
-    response = jsonify(access_token=token, token_type="Bearer", expires_in=lifetime)
-    response.headers["Cache-Control"] = "no-store"  # RFC 6749, 5.1: tokens must not be cached
-    return response
-
-
-TOKEN_PROBLEMS = {  # what went wrong, in words that never quote the token itself
-    jwt.ExpiredSignatureError: "the token has expired",
-    jwt.ImmatureSignatureError: "the token is not valid yet",
-    jwt.MissingRequiredClaimError: "the token lacks a required claim (sub, iat or exp)",
-    jwt.InvalidSignatureError: "the token signature does not match",
-    jwt.InvalidAlgorithmError: "the token is not signed with HS256",
-}
-WRONG_TYPE = f"not an access token (its JWT header lacks typ {ACCESS_TOKEN_TYPE})"
-
-
-def authenticated_user() -> str:
-    """The user id of a valid bearer token, checked before any response is started."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated()
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise Unauthenticated("the token is too long")
-    try:
-        decoded = jwt.decode_complete(  # the header too, for its typ
-            token.strip(),
-            app.config["JWT_SECRET_KEY"],
-            algorithms=["HS256"],  # pinned: never let the token choose (think "alg": "none")
-            options={"require": ["exp", "iat", "sub"]},
-            leeway=CLOCK_LEEWAY,
-        )
-    except jwt.PyJWTError as error:  # not just InvalidTokenError: InvalidKeyError is outside it
-        problems = [text for kind, text in TOKEN_PROBLEMS.items() if isinstance(error, kind)]
-        raise Unauthenticated(problems[0] if problems else "the token is malformed") from None
-    if decoded["header"].get("typ") != ACCESS_TOKEN_TYPE:
-        raise Unauthenticated(WRONG_TYPE)
-    return decoded["payload"]["sub"]
-
-
 def event_stream(name: str, inbox: queue.Queue, first: list[str], sent: str) -> Iterator[str]:
-    """The `first` events, then each message the reader queues, until the client leaves or
-    the stream must end (`overflow` or `error`: the client resumes after `sent`)."""
+    """Yield the `first` events, then each message the reader queues, until the stream ends."""
     logger.info("%s started: %d events of history first, then new ones", name, len(first))
     try:
         yield f"retry: {RETRY_MS}\n\n"
@@ -362,20 +121,18 @@ def event_stream(name: str, inbox: queue.Queue, first: list[str], sent: str) -> 
             except queue.Empty:  # a comment: every client ignores it, but the line stays busy
                 yield ": keep-alive\n\n"
                 continue
-            if item == "overflow":
-                logger.info("%s fell %d messages behind: let go", name, app.config["QUEUE"])
-                yield event(json.dumps({"last_id": sent}), "overflow")
-                return
-            if item == "error":
-                yield event(json.dumps({"error": "Redis is unavailable"}), "error")
-                return
+            if item in ("overflow", "error"):  # the last one: the client resumes after `sent`
+                why = {"last_id": sent} if item == "overflow" else {"error": "Redis is unavailable"}
+                yield event(json.dumps(why), item)
+                break
             message_id, text = item
             if order(message_id) > order(sent):  # not if the history already had it
                 yield text
                 sent = message_id
-    except GeneratorExit:  # the server closes the generator when the client has gone
-        logger.info("%s: client left after event %s; it may come back for the next", name, sent)
-        raise
+    finally:
+        # Runs when the stream ends and also when the client hangs up: Werkzeug
+        # closes the generator as soon as writing to the socket fails.
+        logger.info("%s ended after event %s; it may resume after it", name, sent)
 
 
 def last_event_id() -> str | None:
@@ -387,14 +144,10 @@ def last_event_id() -> str | None:
 
 
 def checked(room: str) -> str:
+    """The room's name, if it follows the rule for user ids; a 400 otherwise."""
     if not USER_ID.fullmatch(room):
         abort(400, "room must be 1 to 64 characters of A-Z a-z 0-9 _ . -, not only dots")
     return room
-
-
-def sse_response(body: Iterator[str]) -> Response:
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(body, mimetype="text/event-stream", headers=headers)
 
 
 @app.post("/rooms/<room>/messages")
@@ -413,9 +166,11 @@ def post_message(room: str) -> Response:
 @app.get("/rooms/<room>/events")
 def events(room: str) -> Response:
     """Follow a room: its messages as events, after Last-Event-ID if the client sends one."""
-    user = authenticated_user()
-    chat = broker()
-    inbox, first, sent = chat.subscribe(checked(room), user, last_event_id())
+    user, chat = authenticated_user(), broker()
+    inbox, gap, kept, sent = chat.subscribe(checked(room), user, last_event_id())
+    # A gap is never silent: `reset` says where the history now begins, then comes all of it.
+    first = [event(json.dumps(gap), "reset")] if gap else []
+    first += [message_event(*message) for message in kept]
     response = sse_response(event_stream(f"{user} in {room}", inbox, first, sent))
     # Called when the server closes the response, even if the client left before the first event.
     response.call_on_close(lambda: chat.unsubscribe(room, inbox))
@@ -429,25 +184,22 @@ def presence(room: str) -> Response:
     return jsonify(room=room, users=broker().presence(checked(room)))
 
 
+def sse_response(body: Iterator[str]) -> Response:
+    """The events as one long response that no cache keeps and no proxy holds back."""
+    headers = {
+        "Cache-Control": "no-cache",
+        # Tells nginx not to buffer this response; other proxies have their own switch.
+        "X-Accel-Buffering": "no",
+    }
+    # No Content-Length: the length is unknown until the generator is done,
+    # which is exactly what makes Werkzeug use Transfer-Encoding: chunked.
+    return Response(body, mimetype="text/event-stream", headers=headers)
+
+
 @app.get("/")
-def page() -> Response:
-    """The chat page."""
+def index() -> Response:
+    """The page that follows a room with fetch(), posts to it, and resumes after a drop."""
     return app.send_static_file("chat.html")
-
-
-@app.errorhandler(Unauthenticated)
-def ask_for_a_token(error: Unauthenticated) -> Response:
-    challenge = f'Bearer realm="{REALM}"'
-    if error.description is None:  # no token at all: RFC 6750 says no error code then
-        body = {"error": "send 'Authorization: Bearer <token>'; POST /generate_token mints one"}
-    else:
-        challenge += f', error="invalid_token", error_description="{error.description}"'
-        body = {"error": "invalid_token", "error_description": error.description}
-        logger.info("refused a request: %s", error.description)
-    response = jsonify(body)
-    response.status_code = 401
-    response.headers["WWW-Authenticate"] = challenge
-    return response
 
 
 @app.errorhandler(redis.RedisError)
@@ -459,7 +211,7 @@ def redis_unavailable(error: redis.RedisError) -> Response:
 
 @app.errorhandler(HTTPException)
 def error_as_json(error: HTTPException) -> Response:
-    """Answer every HTTP error (400, 404, 405, 413, 415, 500...) as JSON, never as an HTML page."""
+    """Answer every HTTP error (400, 404, 405, 500...) as JSON, never as an HTML page."""
     response = error.get_response()
     # The final newline, as jsonify writes it, keeps curl's output off the shell prompt.
     response.set_data(json.dumps({"error": error.description}) + "\n")
@@ -480,4 +232,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     app.config["JWT_SECRET_KEY"] = load_secret_key()
     broker()  # at once: it says whether it serves this process only, or all that share Redis
-    app.run(host=args.host, port=args.port, threaded=True)
+    # One thread per request is what lets users stream side by side. With
+    # threaded=False the server handles one request at a time: the second user's
+    # stream (and even a message's POST) waits until the first stream has ended, and
+    # Werkzeug falls back to HTTP/1.0, so nothing is sent chunked any more.
+    app.run(host=args.host, port=args.port, threaded=True, request_handler=RequestHandler)

@@ -154,6 +154,7 @@ def chat(request):
         broker = server.broker()
         patch.delenv("REDIS_URL", raising=False)
         yield broker
+        server.app.extensions.pop("chat")  # parked below: not left for the tests that follow
     park(broker)
 
 
@@ -485,7 +486,7 @@ def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, red
     monkeypatch.setenv("REDIS_URL", redis_server.url)
     server.broker()
     assert "rooms are in Redis: every process that shares it serves them" in caplog.text
-    park(server.app.extensions["chat"])
+    park(server.app.extensions.pop("chat"))  # not left for the tests that follow
 
 
 def test_a_history_below_one_is_refused_at_start():
