@@ -19,21 +19,17 @@ from collections.abc import Iterable
 from urllib.parse import urlencode, urlsplit
 
 import requests
-import urllib3
 import websocket
+from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
 from client_errors import StreamError
 
 DEFAULT_URL = "http://127.0.0.1:5000"
+SERVER = "stream_server_websocket.py"  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest interval the server allows (60 s)
-print_lock = threading.Lock()  # two threads print: the reader and the command sender
 COMMANDS = "pause, resume, interval <seconds>, stop"
-
-
-def say(started: float, text: str) -> None:
-    with print_lock:
-        print(f"+{time.monotonic() - started:.2f}s  {text}", flush=True)
+print_lock = threading.Lock()  # two threads print: the reader and the command sender
 
 
 def server_message(body: bytes | str | None, fallback: str) -> str:
@@ -45,89 +41,67 @@ def server_message(body: bytes | str | None, fallback: str) -> str:
         return fallback
 
 
-def cannot_connect(base_url: str, refused: bool) -> StreamError:
-    """Say why the server could not be reached, as far as the client can tell."""
-    if not refused and base_url.startswith("http://"):
-        # The server took the connection and dropped it unanswered: what one started
-        # with --cert does with plain HTTP, since it speaks HTTPS only.
-        https = base_url.replace("http", "https", 1)
+def cannot_connect(base: str, error: Exception) -> StreamError:
+    """Say why the server gave no answer, as far as the client can tell."""
+    if isinstance(error, requests.exceptions.SSLError | ssl.SSLCertVerificationError):
+        why = "if a local CA signed it, pass that CA's certificate with --cacert"
+        return StreamError(f"cannot verify the certificate of {base}: {why}")
+    # Taken, then dropped unanswered (urllib3 calls that a ProtocolError) rather than refused:
+    # what a server started with --cert does with plain HTTP, since it speaks HTTPS only.
+    cause = error.args[0] if isinstance(error, requests.ConnectionError) else error
+    dropped = isinstance(cause, ProtocolError | websocket.WebSocketConnectionClosedException) or (
+        isinstance(cause, ConnectionError) and not isinstance(cause, ConnectionRefusedError)
+    )
+    if dropped and base.startswith("http://"):
+        why = "if the server was started with --cert, it speaks HTTPS only"
         return StreamError(
-            f"{base_url} closed the connection without answering: if the server was "
-            f"started with --cert, it speaks HTTPS only: use --url {https}"
+            f"{base} closed the connection without answering: {why}: use --url "
+            + base.replace("http", "https", 1)
         )
     return StreamError(
-        f"cannot connect to {base_url}: is the server running? "
-        "Start it with: python stream_server_websocket.py"
+        f"cannot connect to {base}: is the server running? Start it with: python {SERVER}"
     )
 
 
-def cannot_verify(base_url: str) -> StreamError:
-    return StreamError(
-        f"cannot verify the certificate of {base_url}: "
-        "if a local CA signed it, pass that CA's certificate with --cacert"
-    )
-
-
-def not_step_5(base_url: str, answer: str) -> StreamError:
+def not_step_5(base: str, answer: str) -> StreamError:
     """Another server answers there, such as an earlier step's still running on the port."""
-    return StreamError(
-        f"{base_url} is not step 5's server ({answer}): "
-        "start it with python stream_server_websocket.py"
-    )
+    return StreamError(f"{base} is not step 5's server ({answer}): start it with python {SERVER}")
 
 
-def mint_token(base_url: str, user: str, verify: str | bool) -> str:
+def mint_token(base: str, user: str, verify: str | bool) -> str:
     """Ask the server for a token, as in step 3."""
-    url = f"{base_url}/generate_token"
     try:
-        response = requests.post(url, json={"user_id": user}, timeout=10, verify=verify)
-    except requests.exceptions.SSLError:
-        raise cannot_verify(base_url) from None
-    except requests.ConnectionError as error:
-        # Refused, or taken and then dropped (urllib3 reports that as a ProtocolError).
-        dropped = isinstance(error.args[0], urllib3.exceptions.ProtocolError)
-        raise cannot_connect(base_url, refused=not dropped) from None
-    except requests.RequestException:
-        raise cannot_connect(base_url, refused=True) from None
+        response = requests.post(
+            f"{base}/generate_token", json={"user_id": user}, timeout=10, verify=verify
+        )
+    except requests.RequestException as error:
+        raise cannot_connect(base, error) from None
     if response.status_code in (404, 405):  # no such route: another step's server
-        raise not_step_5(base_url, f"POST /generate_token answered {response.status_code}")
+        raise not_step_5(base, f"POST /generate_token answered {response.status_code}")
     if not response.ok:
         message = server_message(response.content, response.reason)
         raise StreamError(f"server answered {response.status_code}: {message}")
     try:
         return response.json()["access_token"]
     except (ValueError, KeyError, TypeError):
-        raise not_step_5(base_url, "POST /generate_token answered with no token") from None
+        raise not_step_5(base, "POST /generate_token answered with no token") from None
 
 
-def connect(
-    base_url: str, token: str, count: int, interval: float, cacert: str | None
-) -> websocket.WebSocket:
+def connect(base: str, token: str, query: dict, cacert: str | None) -> websocket.WebSocket:
     """Open the WebSocket, showing the token on the handshake (an ordinary HTTP request)."""
-    query = urlencode({"count": count, "interval": interval})
-    url = f"{base_url.replace('http', 'ws', 1)}/ws?{query}"  # http:// -> ws://, https:// -> wss://
+    url = f"{base.replace('http', 'ws', 1)}/ws?{urlencode(query)}"  # https:// -> wss://
+    # The token goes in a header, never in the URL: URLs end up in logs and histories.
+    headers = [f"Authorization: Bearer {token}"]
+    sslopt = {"ca_certs": cacert} if cacert else {}  # without --cacert: the system's CAs
     try:
-        return websocket.create_connection(
-            url,
-            header=[f"Authorization: Bearer {token}"],
-            timeout=READ_TIMEOUT,
-            sslopt={"ca_certs": cacert} if cacert else {},  # without: the system's CAs
-        )
+        return websocket.create_connection(url, header=headers, timeout=READ_TIMEOUT, sslopt=sslopt)
     except websocket.WebSocketBadStatusException as error:  # refused before the upgrade
         if error.status_code in (404, 405) or error.status_code < 400:  # no upgrade, no refusal
-            raise not_step_5(base_url, f"GET /ws answered {error.status_code}") from None
-        message = server_message(error.resp_body, str(error))
-        raise StreamError(
-            f"server refused the connection ({error.status_code}): {message}"
-        ) from None
-    except ssl.SSLCertVerificationError:
-        raise cannot_verify(base_url) from None
-    except ConnectionRefusedError:
-        raise cannot_connect(base_url, refused=True) from None
-    except (ConnectionError, websocket.WebSocketConnectionClosedException):  # taken, dropped
-        raise cannot_connect(base_url, refused=False) from None
+            raise not_step_5(base, f"GET /ws answered {error.status_code}") from None
+        refusal = f"({error.status_code}): {server_message(error.resp_body, str(error))}"
+        raise StreamError(f"server refused the connection {refusal}") from None
     except (OSError, websocket.WebSocketException) as error:
-        raise StreamError(f"cannot open {url}: {error}") from None
+        raise cannot_connect(base, error) from None
 
 
 def command_message(line: str) -> str:
@@ -142,23 +116,25 @@ def command_message(line: str) -> str:
     return json.dumps(command)
 
 
-def send_commands(
-    ws: websocket.WebSocket, lines: Iterable[str], every: float, started: float
-) -> None:
+def say(started: float, text: str) -> None:
+    with print_lock:
+        print(f"+{time.monotonic() - started:.2f}s  {text}", flush=True)
+
+
+def send_commands(ws: websocket.WebSocket, lines: Iterable[str], every: float, started) -> None:
     """Send each command line to the server; runs in its own thread beside the reader."""
     for line in lines:
-        if every:
-            time.sleep(every)  # scripted commands go out one by one, so each effect shows
-        if not line.strip():
-            continue
-        say(started, f"> {line.strip()}")
-        try:
-            ws.send(command_message(line))
-        except (OSError, websocket.WebSocketException):
-            return  # the stream has ended; the reader reports how
+        time.sleep(every)  # scripted commands go out one by one, so each effect shows
+        if line.strip():
+            say(started, f"> {line.strip()}")
+            try:
+                ws.send(command_message(line))
+            except (OSError, websocket.WebSocketException):
+                return  # the stream has ended; the reader reports how
 
 
 def describe(message: dict) -> str:
+    """One line for a message from the server."""
     kind = message.get("type")
     if kind == "chunk":
         return message["text"]
@@ -172,9 +148,7 @@ def describe(message: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stream over a WebSocket and steer it.")
-    parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"the server's base URL (default: {DEFAULT_URL})"
-    )
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default: {DEFAULT_URL})")
     parser.add_argument("--user", default="User1", help="user to mint a token for")
     parser.add_argument("--token", help="use this token instead of minting one")
     parser.add_argument("--count", type=int, default=20, help="chunks to ask for")
@@ -196,17 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     # system's. Never verify=False: it accepts any certificate, so anyone on the path could
     # pose as the server and collect the token.
     verify = args.cacert or True
-    base_url = args.url.rstrip("/")
 
     try:
-        token = args.token or mint_token(base_url, args.user, verify)
-        ws = connect(base_url, token, args.count, args.interval, args.cacert)
+        base = args.url.rstrip("/")
+        token = args.token or mint_token(base, args.user, verify)
+        ws = connect(base, token, {"count": args.count, "interval": args.interval}, args.cacert)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.commands is None:
         print(f"type a command and Enter while the chunks arrive: {COMMANDS}", flush=True)
     started = time.monotonic()
+    # Two threads: this one prints what the server sends while the other sends what the user
+    # types, so that neither waits for the other.
     lines, every = (args.commands, args.every) if args.commands is not None else (sys.stdin, 0)
     threading.Thread(target=send_commands, args=(ws, lines, every, started), daemon=True).start()
     try:

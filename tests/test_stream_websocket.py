@@ -17,6 +17,7 @@ import pytest
 import requests
 import websocket
 
+import serving_websocket
 import stream_client_websocket as ws_client
 import stream_server as step_1_server
 import stream_server_multiuser_secure as step_3_server
@@ -209,6 +210,23 @@ def test_a_client_that_vanishes_frees_its_stream(base_url, caplog, paused):
     wait_until(lambda: "Vanisher disconnected after" in caplog.text)
 
 
+def test_status_counts_the_websocket_streams_open_now(base_url):
+    def status() -> dict:
+        headers = {"Authorization": f"Bearer {token_for()}"}
+        response = requests.get(f"{base_url}/status", headers=headers, timeout=WAIT)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    # Other tests' streams may still be ending in this process: only Watcher's are looked at.
+    ws = open_ws(base_url, "count=1000&interval=0.05", token_for("Watcher"))
+    try:
+        receive(ws)  # counted from before its first chunk
+        assert status()["active"].get("Watcher") == 1
+    finally:
+        ws.close()
+    wait_until(lambda: "Watcher" not in status()["active"])
+
+
 def test_plain_http_on_the_websocket_route_gets_a_clear_400(base_url):
     response = requests.get(f"{base_url}/ws", timeout=WAIT)
     assert response.status_code == 400
@@ -261,13 +279,13 @@ def test_a_flood_of_commands_is_closed_with_1008(base_url, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     # The server's clock stands still: its twenty commands arrive within one second
     # however slowly this machine runs.
-    monkeypatch.setattr(server, "monotonic", lambda: 0.0)
+    monkeypatch.setattr(serving_websocket, "monotonic", lambda: 0.0)
     ws = open_ws(base_url, "count=1000&interval=60", token_for("Flooder"))
     try:
         assert receive(ws)["type"] == "chunk"  # then none for 60 s
-        for _ in range(server.MAX_COMMANDS):
+        for _ in range(serving_websocket.MAX_COMMANDS):
             send(ws, command="pause")
-        for _ in range(server.MAX_COMMANDS - 1):
+        for _ in range(serving_websocket.MAX_COMMANDS - 1):
             assert receive(ws)["type"] == "ack"
         opcode, data = ws.recv_data(control_frame=True)
     finally:
@@ -311,12 +329,12 @@ def test_commands_waiting_for_a_client_that_reads_nothing_are_bounded(
     caplog.set_level(logging.INFO)
     # Stand-ins: a client that has stopped reading (its socket never has room), and a
     # clock that runs a second per look, so that only the commands waiting count.
-    monkeypatch.setattr(server.Channel, "has_room", lambda channel: False)
+    monkeypatch.setattr(serving_websocket.Channel, "has_room", lambda channel: False)
     seconds = iter(range(1_000_000))
-    monkeypatch.setattr(server, "monotonic", lambda: float(next(seconds)))
+    monkeypatch.setattr(serving_websocket, "monotonic", lambda: float(next(seconds)))
     ws = open_ws(base_url, "count=1000&interval=0", token_for("Stalled"))
     try:
-        for _ in range(server.MAX_COMMANDS + 1):
+        for _ in range(serving_websocket.MAX_COMMANDS + 1):
             send(ws, command="pause")
         # No room even for the closing message: the server ends the connection.
         with pytest.raises((OSError, websocket.WebSocketException)):
@@ -332,8 +350,8 @@ def test_a_client_that_stops_reading_is_let_go_after_the_write_timeout(
     caplog.set_level(logging.INFO)
     # A stand-in for a client that has stopped reading: its socket never has room again.
     # Before, the stream waited for room forever, holding its thread.
-    monkeypatch.setattr(server.Channel, "has_room", lambda channel: False)
-    monkeypatch.setattr(server, "WRITE_TIMEOUT", 0.2)
+    monkeypatch.setattr(serving_websocket.Channel, "has_room", lambda channel: False)
+    monkeypatch.setattr(serving_websocket, "WRITE_TIMEOUT", 0.2)
     ws = open_ws(base_url, "count=1000&interval=0", token_for("Staller"))
     try:
         wait_until(lambda: "Staller disconnected after" in caplog.text)
