@@ -144,12 +144,17 @@ def verify(token: str, typ: str = ACCESS_TOKEN_TYPE, wrong_type: str = WRONG_TYP
     return decoded["payload"]
 
 
-def authenticated_user() -> str:
-    """The user id of a valid bearer token, checked before any response is started."""
+def access_claims() -> dict:
+    """The claims of a valid bearer access token, checked before any response is started."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated()
-    return verify(token.strip())["sub"]
+    return verify(token.strip())
+
+
+def authenticated_user() -> str:
+    """The user id of a valid bearer token, checked before any response is started."""
+    return access_claims()["sub"]
 
 
 @tokens.app_errorhandler(Unauthenticated)  # on every route of the app, not only the blueprint's

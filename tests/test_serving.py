@@ -25,6 +25,7 @@ import serving
 import show_chunks
 import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
+import stream_server_multiuser_resume as resume
 import stream_server_multiuser_secure as secure
 from helpers import ROOT, TEST_KEY, WAIT, bearer, logged_https_port, token_for, wait_until
 from services import Gunicorn
@@ -304,8 +305,13 @@ DEV_STEPS = [
     "stream_server_sse",
     "stream_server_websocket",
     "stream_server_multiuser_refresh",
+    "stream_server_multiuser_resume",
 ]
-TLS_STEPS = {"stream_server_multiuser_secure": secure, "stream_server_multiuser_refresh": refresh}
+TLS_STEPS = {
+    "stream_server_multiuser_secure": secure,
+    "stream_server_multiuser_refresh": refresh,
+    "stream_server_multiuser_resume": resume,
+}
 
 
 @pytest.fixture

@@ -4,19 +4,32 @@ import base64
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
 import jwt
 import pytest
+import requests
 
 import show_chunks
 import stream_client_multiuser_secure as secure_client
 import stream_server
 import stream_server_multiuser_refresh as refresh_server
+import stream_server_multiuser_resume as resume_server
 import stream_server_multiuser_secure as server
 import tokens
-from helpers import TEST_KEY, bearer, free_port, only_help, token_for
+from helpers import (
+    ROOT,
+    TEST_KEY,
+    WAIT,
+    bearer,
+    free_port,
+    logged_https_port,
+    only_help,
+    token_for,
+)
 
 OTHER_KEY = b"some other signing key " * 4
 CHALLENGE = 'Bearer realm="streams"'
@@ -360,14 +373,14 @@ def test_a_websocket_url_gets_one_line_saying_so(capsys):
     ("other", "path", "answer"),
     [
         (stream_server.app, "/generate_token", "404"),  # step 1's server, still running
-        (refresh_server.app, "/stream", "200 application/x-ndjson"),  # step 6's mints too
+        (resume_server.app, "/stream", "200 application/x-ndjson"),  # step 7's mints too
     ],
-    ids=["step 1", "step 6"],
+    ids=["step 1", "step 7"],
 )
 def test_client_says_which_server_to_start_when_another_answers(
     serve, monkeypatch, capsys, other, path, answer
 ):
-    monkeypatch.setitem(refresh_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    monkeypatch.setitem(resume_server.app.config, "JWT_SECRET_KEY", TEST_KEY)
     url = serve(other)
     assert secure_client.main(["--url", url, "--count", "1"]) == 1
     assert capsys.readouterr().err == (
@@ -383,6 +396,46 @@ def test_an_http_url_to_an_https_server_says_it_speaks_https(serve, tls, capsys)
         f"error: {url}/generate_token speaks HTTPS (started with --cert?): "
         "use https:// with --cacert\n"
     )
+
+
+def test_streams_over_https_with_the_ca_trusted(serve, tls, capsys):
+    url = serve(server.app, tls.server_context)
+    argv = ["--url", url, "--count", "2", "--interval", "0", "--cacert", tls.ca_file]
+    assert secure_client.main(argv) == 0
+    assert "chunk 2 of 2 for User1" in capsys.readouterr().out
+
+
+def test_a_client_that_does_not_trust_the_ca_says_so(serve, tls, capsys):
+    url = serve(server.app, tls.server_context)
+    assert secure_client.main(["--url", url, "--count", "1"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot verify the certificate of {url}/generate_token")
+    assert error.count("\n") == 1
+
+
+def test_the_server_serves_https_only_with_cert_and_key(tls):
+    # Port 0: the OS picks a free port, and the dev server logs the one it got.
+    command = [sys.executable, "stream_server_multiuser_secure.py", "--port", "0"]
+    command += ["--cert", tls.cert_file, "--key", tls.key_file]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = logged_https_port(process)
+        minted = requests.post(
+            f"https://127.0.0.1:{port}/generate_token",
+            json={"user_id": "Al"},
+            verify=tls.ca_file,
+            timeout=WAIT,
+        )
+        assert minted.status_code == 200
+        with pytest.raises(requests.ConnectionError):
+            requests.post(
+                f"http://127.0.0.1:{port}/generate_token", json={"user_id": "Al"}, timeout=WAIT
+            )
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stderr.close()
 
 
 def test_an_https_url_to_an_http_server_says_it_speaks_plain_http(serve, tls, capsys):
