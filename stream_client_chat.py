@@ -1,4 +1,4 @@
-"""Step 7 client: chat in a room, printing its messages as they come and posting what you type.
+"""Step 8 client: chat in a room, printing its messages as they come and posting what you type.
 
 Start the server first (python stream_server_chat.py), then in two terminals:
 
@@ -23,7 +23,7 @@ from client_errors import DEFAULT_URL, Server, StreamError, base_url
 # Step 4's reader of Server-Sent Events, as it is: see stream_client_sse.py.
 from stream_client_sse import Event, SSEParser
 
-SERVER = Server(7, "stream_server_chat.py")  # named in the error messages
+SERVER = Server(8, "stream_server_chat.py")  # named in the error messages
 READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
 RECONNECTS = 5  # attempts in a row before giving up
 

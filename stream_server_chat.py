@@ -1,4 +1,4 @@
-"""Step 7: a chat room: one message fanned out to every subscriber of every process, via Redis.
+"""Step 8: a chat room: one message fanned out to every subscriber of every process, via Redis.
 
 New since step 4: a stream no longer comes from a generator per client. A message
 POSTed to a room is stored once, in the room's Redis Stream, and each server

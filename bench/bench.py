@@ -8,7 +8,7 @@ Three parts, all on 127.0.0.1:
     gevent worker of step 2 and on the uvicorn reference: streams completed, errors, the time to
     open them all, the server's RSS growth per stream, and each chunk's lateness against its
     schedule once all are open;
-  - fan-out: the chat step (step 7) with S subscribers (a ladder up to 5,000) and one poster
+  - fan-out: the chat step (step 8) with S subscribers (a ladder up to 5,000) and one poster
     sending M messages a second for T seconds: two `gunicorn -k gevent -w 1` instances sharing one
     redis-server, one instance with its in-process broker, and the same room on Starlette and
     uvicorn with redis.asyncio: deliveries per second, the latency from each POST's response to

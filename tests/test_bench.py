@@ -1,4 +1,4 @@
-"""The benchmark's clients, against step 2's and step 7's apps in a real server and on bytes
+"""The benchmark's clients, against step 2's and step 8's apps in a real server and on bytes
 given to them: they read every stream whole and count every stream that fails and every
 message lost or duplicated, so that its tables can be trusted; its targets are judged from the
 figures. Its timings are read, not tested."""

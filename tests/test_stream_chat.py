@@ -1,4 +1,4 @@
-"""Step 7: stream_server_chat.py and stream_client_chat.py, in this process on both backends
+"""Step 8: stream_server_chat.py and stream_client_chat.py, in this process on both backends
 (the in-process default, fakeredis, and a real redis-server), then as two gunicorn -k gevent
 instances that share one real Redis, and the page in headless Chromium."""
 
@@ -523,7 +523,7 @@ def test_client_names_the_server_to_start_when_another_answers(serve, capsys):
 
     assert chat_client.main(["--url", serve(stream_server_sse.app), "--say", "hi"]) == 1
     error = capsys.readouterr().err
-    assert error.endswith("answered 404: it is not step 7's server. Start it with: "
+    assert error.endswith("answered 404: it is not step 8's server. Start it with: "
                           "python stream_server_chat.py\n"), error
 
 
