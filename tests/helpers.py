@@ -1,5 +1,6 @@
 """Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
 
+import contextlib
 import json
 import os
 import re
@@ -7,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
@@ -69,7 +70,6 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-
 def only_help(script: str) -> bool:
     """Whether `python script --help`, with no JWT_SECRET_KEY set, prints its usage and
     nothing else: a step does nothing a reader sees at import, before they asked."""
@@ -81,12 +81,26 @@ def only_help(script: str) -> bool:
     return result.returncode == 0 and result.stdout.startswith("usage:") and not result.stderr
 
 
-def logged_https_port(process: subprocess.Popen) -> int:
-    """The port in the dev server's "Running on https://..." line (it is listening by then)."""
-    for line in process.stderr:
-        if match := re.search(r"Running on https://127\.0\.0\.1:(\d+)", line):
-            return int(match.group(1))
-    raise AssertionError("the server exited without saying where it serves HTTPS")
+@contextlib.contextmanager
+def https_step(script: str, tls) -> Iterator[str]:
+    """Run a step's server as a reader would, with --cert and --key on a port the OS picks
+    (the dev server logs the one it got, once it listens); give its https:// base URL."""
+    command = [sys.executable, script, "--port", "0"]
+    command += ["--cert", tls.cert_file, "--key", tls.key_file]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if match := re.search(r"Running on (https://127\.0\.0\.1:\d+)", line):
+                yield match.group(1)
+                break
+        else:
+            raise AssertionError("the server exited without saying where it serves HTTPS")
+    finally:
+        process.terminate()
+        process.wait(WAIT)
+        process.stderr.close()
+
 
 # Step 5's WebSocket messages are JSON objects, each with a "type".
 

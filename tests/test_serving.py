@@ -27,7 +27,7 @@ import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
 import stream_server_multiuser_resume as resume
 import stream_server_multiuser_secure as secure
-from helpers import ROOT, TEST_KEY, WAIT, bearer, logged_https_port, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, https_step, token_for, wait_until
 from services import Gunicorn
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
@@ -359,16 +359,10 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
     assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
 
 
-
 @pytest.mark.parametrize("module", list(TLS_STEPS))
 def test_an_idle_connection_does_not_hold_up_https(module, tls):
-    command = [sys.executable, f"{module}.py", "--port", "0"]
-    command += ["--cert", tls.cert_file, "--key", tls.key_file]
-    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        port = logged_https_port(process)
-        url = f"https://127.0.0.1:{port}"
+    with https_step(f"{module}.py", tls) as url:
+        port = urlsplit(url).port
         # Connected, and silent: no TLS handshake. Before, the server waited for it in the
         # one thread that accepts every connection, and served no one else meanwhile.
         with socket.create_connection(("127.0.0.1", port)):
@@ -383,10 +377,6 @@ def test_an_idle_connection_does_not_hold_up_https(module, tls):
                 assert response.status_code == 200, response.text
                 lines = list(response.iter_lines())
         assert b"chunk 2 of 2 for Al" in lines[1]
-    finally:
-        process.terminate()
-        process.wait(WAIT)
-        process.stderr.close()
 
 
 @pytest.mark.parametrize("step", list(TLS_STEPS.values()), ids=list(TLS_STEPS))

@@ -28,7 +28,7 @@ from helpers import (
     WAIT,
     bearer,
     free_port,
-    logged_https_port,
+    https_step,
     only_help,
     token_for,
     wait_until,
@@ -414,28 +414,14 @@ def test_a_client_that_does_not_trust_the_ca_says_so(serve, tls, capsys):
 
 
 def test_the_server_serves_https_only_with_cert_and_key(tls):
-    # Port 0: the OS picks a free port, and the dev server logs the one it got.
-    command = [sys.executable, "stream_server_multiuser_refresh.py", "--port", "0"]
-    command += ["--cert", tls.cert_file, "--key", tls.key_file]
-    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        port = logged_https_port(process)
+    with https_step("stream_server_multiuser_refresh.py", tls) as url:
         minted = requests.post(
-            f"https://127.0.0.1:{port}/generate_token",
-            json={"user_id": "Al"},
-            verify=tls.ca_file,
-            timeout=WAIT,
+            f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
         )
         assert minted.status_code == 200
+        plain = url.replace("https", "http")
         with pytest.raises(requests.ConnectionError):
-            requests.post(
-                f"http://127.0.0.1:{port}/generate_token", json={"user_id": "Al"}, timeout=WAIT
-            )
-    finally:
-        process.terminate()
-        process.wait(WAIT)
-        process.stderr.close()
+            requests.post(f"{plain}/generate_token", json={"user_id": "Al"}, timeout=WAIT)
 
 
 def test_a_missing_certificate_stops_the_server_with_a_clear_message(tmp_path):

@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import os
 import socket
 import struct
 import subprocess
@@ -27,7 +26,7 @@ from helpers import (
     TEST_KEY,
     WAIT,
     free_port,
-    logged_https_port,
+    https_step,
     next_of_type,
     only_help,
     receive,
@@ -371,13 +370,7 @@ def test_a_wrong_content_type_gets_415(base_url):
 
 
 def test_the_server_serves_https_only_with_cert_and_key(tls, capsys):
-    # Port 0: the OS picks a free port, and the dev server logs the one it got.
-    command = [sys.executable, "stream_server_websocket.py", "--port", "0"]
-    command += ["--cert", tls.cert_file, "--key", tls.key_file]
-    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"https://127.0.0.1:{logged_https_port(process)}"
+    with https_step("stream_server_websocket.py", tls) as url:
         argv = ["--url", url, "--count", "2", "--interval", "0", "--commands"]
         assert ws_client.main([*argv, "--cacert", tls.ca_file]) == 0
         assert "< end: 2 chunks sent" in capsys.readouterr().out
@@ -392,11 +385,6 @@ def test_the_server_serves_https_only_with_cert_and_key(tls, capsys):
             f"error: {plain} closed the connection without answering: if the server was "
             f"started with --cert, it speaks HTTPS only: use --url {url}\n"
         )
-    finally:
-        process.terminate()
-        process.wait(WAIT)
-        process.stderr.close()
-
 
 
 def test_cert_without_key_is_refused():
