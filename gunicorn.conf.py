@@ -8,7 +8,6 @@ Flags on the command line override what is set here.
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -111,13 +110,11 @@ def post_worker_init(worker) -> None:
 def with_write_timeout(app):
     """The app, with WRITE_TIMEOUT on the socket of each request it answers. A write that
     times out ends the stream as a client that hung up would: the generator is closed."""
+    # The steps' own setter, imported here in the worker, where gevent has patched already.
+    from serving import set_write_timeout
 
     def app_with_write_timeout(environ, start_response):
-        sock = environ["gunicorn.socket"]
-        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: the kernel keeps the time, at no cost
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(WRITE_TIMEOUT * 1000))
-        else:  # elsewhere Python does, with one more system call for every write
-            sock.settimeout(WRITE_TIMEOUT)
+        set_write_timeout(environ["gunicorn.socket"])
         return app(environ, start_response)
 
     return app_with_write_timeout
