@@ -23,7 +23,8 @@ KNOWN_MISSES = {
     ("diff", "stream_client_sse.py"): "step 1's request sits one level deeper, in a loop",
     ("diff", "stream_server_websocket.py"): "step 3's chunked view and generator are replaced",
     ("diff", "stream_client_websocket.py"): "step 3's stream_chunks and show_claims are unused",
-    ("diff", "stream_server_chat.py"): "step 4's per-user feed is replaced by the rooms",
+    ("diff", "stream_server_chat.py"): "step 4's per-user feed is replaced by the rooms, and "
+    "the chat itself is 141 lines: within 240 (#14), the server cannot carry step 4's feed too",
     ("diff", "stream_client_chat.py"): "step 4's reconnect loop is replaced",
     ("size", "stream_client_websocket.py"): "the reader, command thread and messages",
     ("comments", "stream_client_websocket.py"): "step 3's client's comments are not all carried",
@@ -61,8 +62,8 @@ def test_a_diff_is_the_new_idea_only(base, step):
     changed = list(difflib.unified_diff(lines(base), lines(step), lineterm="", n=0))
     added = [line for line in changed[2:] if line.startswith("+") and line[1:].strip()]
     removed = [line for line in changed[2:] if line.startswith("-") and line[1:].strip()]
-    # Only what the new step replaces is removed; the last step may add more than 120.
-    met = len(removed) <= 30 and (len(added) <= 120 or step == "stream_server_chat.py")
+    # Only what the new step replaces is removed, and a step adds one idea, not a program.
+    met = len(removed) <= 30 and len(added) <= 120
     holds(met, "diff", step, f"+{len(added)} -{len(removed)}:\n" + "\n".join(removed))
 
 
