@@ -10,7 +10,9 @@ start when that is the cure. Each client names its server once and asks it:
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 from urllib3.exceptions import ProtocolError  # requests is built on urllib3
@@ -67,15 +69,22 @@ class Server:
         status, kind = response.status_code, response.headers.get("Content-Type", "")
         if response.ok and kind.startswith(content_type):
             return
+        url = response.url.partition("?")[0]
+        raise self.refusal(url, status, kind, response.json, response.reason)
+
+    def refusal(
+        self, url: str, status: int, kind: str, read_json: Callable[[], Any], reason: str
+    ) -> StreamError:
+        """A StreamError for an HTTP answer other than the one asked for (check_status's, or a
+        WebSocket handshake's): read_json() reads its body, if this step's server sent it."""
         # This step's server explains its refusals (a 5xx: it failed, or a proxy did). Any
         # other answer is another server's, often another step's: a 404, a 401, another type.
         if status not in self.refusals and status < 500:
-            answer = f"{status} {kind}" if response.ok else status
-            url = response.url.partition("?")[0]
-            raise self.start_it(f"{url} answered {answer}: it is not step {self.step}'s server.")
+            answer = f"{status} {kind}" if status < 400 else status
+            return self.start_it(f"{url} answered {answer}: it is not step {self.step}'s server.")
         try:
-            body = response.json()
+            body = read_json()
             message = body.get("error_description") or body["error"]  # a 401 explains itself
         except (ValueError, KeyError, TypeError, AttributeError):
-            message = response.reason
-        raise StreamError(f"server answered {status}: {message}")
+            message = reason
+        return StreamError(f"server answered {status}: {message}")

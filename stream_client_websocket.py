@@ -1,10 +1,11 @@
-"""Step 5 client: watch a WebSocket stream and steer it while it flows.
+"""Step 5 client: get a token, then watch a WebSocket stream and steer it while it flows.
 
-Start the server first (python stream_server_websocket.py), then type commands
-while the chunks arrive: pause, resume, interval 0.2, stop.
+Start the server first (python stream_server_websocket.py), then type commands while the
+chunks arrive (pause, resume, interval 0.2, stop), or give them with --commands:
 
-    python stream_client_websocket.py
+    python stream_client_websocket.py                   # mints a token for User1
     python stream_client_websocket.py --commands pause resume "interval 0.1" stop
+    python stream_client_websocket.py --token "$TOKEN"  # one minted with curl
     python stream_client_websocket.py --url https://localhost:5000 --cacert certs/client.pem
 """
 
@@ -15,93 +16,84 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterable
-from urllib.parse import urlencode, urlsplit
+from collections.abc import Iterable, Iterator
+from contextlib import closing, suppress
+from functools import partial
+from urllib.parse import urlencode
 
 import requests
 import websocket
 from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import StreamError
+from client_errors import DEFAULT_URL, Server, StreamError, base_url
 
-DEFAULT_URL = "http://127.0.0.1:5000"
-SERVER = "stream_server_websocket.py"  # named in the error messages
-READ_TIMEOUT = 70.0  # longer than the longest interval the server allows (60 s)
+# Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
+# bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
+SERVER = Server(5, "stream_server_websocket.py", refusals=(400, 401), https=True)
+# The read timeout is the longest silence allowed between two chunks, not a limit
+# on the whole stream, so it must be longer than the server's longest interval (60 s).
+# Paused, the stream sends no chunks; the server's pings, every 25 s, keep it within it.
+READ_TIMEOUT = 70.0
+# What the server obeys; anything else gets an error message back, and the stream goes on.
 COMMANDS = "pause, resume, interval <seconds>, stop"
 print_lock = threading.Lock()  # two threads print: the reader and the command sender
 
 
-def server_message(body: bytes | str | None, fallback: str) -> str:
-    """The server's own explanation from a JSON error body, or `fallback`."""
+def connect(
+    url: str, token: str, count: int, interval: float, verify: str | bool
+) -> websocket.WebSocket:
+    """Open the WebSocket at `url` (ws:// or wss://) for `count` chunks, `interval` s apart."""
+    params = {"count": count, "interval": interval}
+    # The token goes in a header, never in the URL: URLs end up in logs and histories.
+    headers = {"Authorization": f"Bearer {token}"}
+    sslopt = {"ca_certs": verify} if isinstance(verify, str) else {}  # {}: the system's CAs
     try:
-        answer = json.loads(body or "")
-        return answer.get("error_description") or answer["error"]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return fallback
-
-
-def cannot_connect(base: str, error: Exception) -> StreamError:
-    """Say why the server gave no answer, as far as the client can tell."""
-    if isinstance(error, requests.exceptions.SSLError | ssl.SSLCertVerificationError):
-        why = "if a local CA signed it, pass that CA's certificate with --cacert"
-        return StreamError(f"cannot verify the certificate of {base}: {why}")
-    # Taken, then dropped unanswered (urllib3 calls that a ProtocolError) rather than refused:
-    # what a server started with --cert does with plain HTTP, since it speaks HTTPS only.
-    cause = error.args[0] if isinstance(error, requests.ConnectionError) else error
-    dropped = isinstance(cause, ProtocolError | websocket.WebSocketConnectionClosedException) or (
-        isinstance(cause, ConnectionError) and not isinstance(cause, ConnectionRefusedError)
-    )
-    if dropped and base.startswith("http://"):
-        why = "if the server was started with --cert, it speaks HTTPS only"
-        return StreamError(
-            f"{base} closed the connection without answering: {why}: use --url "
-            + base.replace("http", "https", 1)
+        # The handshake is an HTTP GET that asks for an upgrade: a server can still refuse it
+        # with a status that says why, as step 3's refuses GET /stream.
+        return websocket.create_connection(
+            f"{url}?{urlencode(params)}", header=headers, timeout=READ_TIMEOUT, sslopt=sslopt
         )
-    return StreamError(
-        f"cannot connect to {base}: is the server running? Start it with: python {SERVER}"
-    )
-
-
-def not_step_5(base: str, answer: str) -> StreamError:
-    """Another server answers there, such as an earlier step's still running on the port."""
-    return StreamError(f"{base} is not step 5's server ({answer}): start it with python {SERVER}")
+    except websocket.WebSocketBadStatusException as error:  # an HTTP answer, not the upgrade
+        kind = (error.resp_headers or {}).get("content-type", "")
+        answer = partial(json.loads, error.resp_body)
+        raise SERVER.refusal(url, error.status_code, kind, answer, error.status_message) from None
+    # No answer at all: told in requests' terms, which client_errors.py reads. A failed TLS
+    # handshake is an SSLError there, a connection closed unanswered a ProtocolError.
+    except ssl.SSLError as error:
+        raise SERVER.cannot_connect(url, requests.exceptions.SSLError(error)) from None
+    except (OSError, websocket.WebSocketException) as error:
+        closed = isinstance(error, websocket.WebSocketConnectionClosedException)
+        error = requests.ConnectionError(ProtocolError(error) if closed else error)
+        raise SERVER.cannot_connect(url, error) from None
 
 
 def mint_token(base: str, user: str, verify: str | bool) -> str:
-    """Ask the server for a token, as in step 3."""
+    """Ask the server for a token, as the README's curl command does."""
+    url = f"{base}/generate_token"
     try:
-        response = requests.post(
-            f"{base}/generate_token", json={"user_id": user}, timeout=10, verify=verify
-        )
-    except requests.RequestException as error:
-        raise cannot_connect(base, error) from None
-    if response.status_code in (404, 405):  # no such route: another step's server
-        raise not_step_5(base, f"POST /generate_token answered {response.status_code}")
-    if not response.ok:
-        message = server_message(response.content, response.reason)
-        raise StreamError(f"server answered {response.status_code}: {message}")
-    try:
-        return response.json()["access_token"]
-    except (ValueError, KeyError, TypeError):
-        raise not_step_5(base, "POST /generate_token answered with no token") from None
+        response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10), verify=verify)
+    except requests.ConnectionError as error:
+        raise SERVER.cannot_connect(url, error) from None
+    except requests.RequestException as error:  # a malformed URL, for one
+        raise StreamError(str(error)) from None
+    SERVER.check_status(response, "application/json")
+    return response.json()["access_token"]
 
 
-def connect(base: str, token: str, query: dict, cacert: str | None) -> websocket.WebSocket:
-    """Open the WebSocket, showing the token on the handshake (an ordinary HTTP request)."""
-    url = f"{base.replace('http', 'ws', 1)}/ws?{urlencode(query)}"  # https:// -> wss://
-    # The token goes in a header, never in the URL: URLs end up in logs and histories.
-    headers = [f"Authorization: Bearer {token}"]
-    sslopt = {"ca_certs": cacert} if cacert else {}  # without --cacert: the system's CAs
+def messages(ws: websocket.WebSocket) -> Iterator[dict]:
+    """Yield the server's messages, each as soon as it has arrived, up to the "end" one."""
     try:
-        return websocket.create_connection(url, header=headers, timeout=READ_TIMEOUT, sslopt=sslopt)
-    except websocket.WebSocketBadStatusException as error:  # refused before the upgrade
-        if error.status_code in (404, 405) or error.status_code < 400:  # no upgrade, no refusal
-            raise not_step_5(base, f"GET /ws answered {error.status_code}") from None
-        refusal = f"({error.status_code}): {server_message(error.resp_body, str(error))}"
-        raise StreamError(f"server refused the connection {refusal}") from None
-    except (OSError, websocket.WebSocketException) as error:
-        raise cannot_connect(base, error) from None
+        with closing(ws):
+            # The server closes the connection after "end": it is the last message to read.
+            while (message := json.loads(ws.recv()))["type"] != "end":
+                yield message
+            yield message
+    except websocket.WebSocketTimeoutException:
+        raise StreamError(f"the server sent nothing for {READ_TIMEOUT:g}s") from None
+    # Closed before the end: recv() then returns "", which is not JSON (a ValueError).
+    except (OSError, ValueError, websocket.WebSocketException):
+        raise StreamError("the stream was cut off before its end") from None
 
 
 def command_message(line: str) -> str:
@@ -117,20 +109,17 @@ def command_message(line: str) -> str:
 
 
 def say(started: float, text: str) -> None:
-    with print_lock:
+    with print_lock:  # print() writes the text and the newline apart: two lines could mix
         print(f"+{time.monotonic() - started:.2f}s  {text}", flush=True)
 
 
 def send_commands(ws: websocket.WebSocket, lines: Iterable[str], every: float, started) -> None:
     """Send each command line to the server; runs in its own thread beside the reader."""
-    for line in lines:
-        time.sleep(every)  # scripted commands go out one by one, so each effect shows
-        if line.strip():
+    with suppress(OSError, websocket.WebSocketException):  # ended: the reader says how
+        for line in filter(str.strip, lines):
+            time.sleep(every)  # scripted commands go out one by one, so each effect shows
             say(started, f"> {line.strip()}")
-            try:
-                ws.send(command_message(line))
-            except (OSError, websocket.WebSocketException):
-                return  # the stream has ended; the reader reports how
+            ws.send(command_message(line))
 
 
 def describe(message: dict) -> str:
@@ -157,13 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=1.5, help="seconds between --commands")
     parser.add_argument("--cacert", help="trust certificates signed by this CA (PEM file)")
     args = parser.parse_args(argv)
-    url = urlsplit(args.url)
-    if url.scheme not in ("http", "https") or not url.netloc or url.path.strip("/") or url.query:
-        # Not ws://...: the client makes the WebSocket URL, ws://host:port/ws, itself.
-        parser.error(
-            f"--url is the server's base URL, such as {DEFAULT_URL} (https:// for a server "
-            f"started with --cert), not {args.url}: the client opens /ws itself"
-        )
     if args.cacert and not os.path.isfile(args.cacert):
         parser.error(f"--cacert {args.cacert}: no such file")
     # Certificates are always checked: with --cacert, against that CA; without, against the
@@ -172,34 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     verify = args.cacert or True
 
     try:
-        base = args.url.rstrip("/")
+        base = base_url(args.url)
         token = args.token or mint_token(base, args.user, verify)
-        ws = connect(base, token, {"count": args.count, "interval": args.interval}, args.cacert)
+        # Not ws:// in --url: the client makes the WebSocket's URL (wss:// for https://) itself.
+        url = base.replace("http", "ws", 1) + "/ws"
+        ws = connect(url, token, args.count, args.interval, verify)
+        if args.commands is None:  # then they come from the keyboard, as they are typed
+            print(f"type a command and Enter while the chunks arrive: {COMMANDS}", flush=True)
+            args.commands, args.every = sys.stdin, 0
+        started = time.monotonic()
+        # Two threads: this one prints what the server sends while the other sends what the
+        # user types, so that neither waits for the other.
+        steering = (ws, args.commands, args.every, started)
+        threading.Thread(target=send_commands, args=steering, daemon=True).start()
+        for message in messages(ws):
+            say(started, f"< {describe(message)}")
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if args.commands is None:
-        print(f"type a command and Enter while the chunks arrive: {COMMANDS}", flush=True)
-    started = time.monotonic()
-    # Two threads: this one prints what the server sends while the other sends what the user
-    # types, so that neither waits for the other.
-    lines, every = (args.commands, args.every) if args.commands is not None else (sys.stdin, 0)
-    threading.Thread(target=send_commands, args=(ws, lines, every, started), daemon=True).start()
-    try:
-        while True:
-            message = json.loads(ws.recv())
-            say(started, f"< {describe(message)}")
-            if message["type"] == "end":
-                return 0
-    except websocket.WebSocketTimeoutException:
-        print(f"error: the server sent nothing for {READ_TIMEOUT:g}s", file=sys.stderr)
-    except (OSError, ValueError, websocket.WebSocketException):  # recv() gives "" once closed
-        print("error: the connection closed before the stream's end", file=sys.stderr)
     except KeyboardInterrupt:
         return 130  # Ctrl-C: stop quietly, the usual exit status for it
-    finally:
-        ws.close()
-    return 1
+    return 0
 
 
 if __name__ == "__main__":

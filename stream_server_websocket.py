@@ -191,7 +191,7 @@ def status() -> Response:
 
 @app.get("/")
 def index() -> Response:
-    """A note on what this server serves, with a command to try it."""
+    """What this server offers, for whoever opens it in a browser or with curl."""
     example = f"python stream_client_websocket.py --url {request.host_url.rstrip('/')}"
     note = (
         "POST /generate_token mints a token; GET /ws?count=N&interval=SECONDS with it is\n"
