@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 
 import requests
 
@@ -24,7 +23,9 @@ from client_errors import DEFAULT_URL, Server, StreamError, base_url
 from stream_client_sse import Event, SSEParser
 
 SERVER = Server(8, "stream_server_chat.py")  # named in the error messages
-READ_TIMEOUT = 70.0  # longer than the longest silence: the server sends a comment every 15 s
+# The read timeout is the longest silence allowed between two chunks, not a limit
+# on the whole stream, so it must be longer than the server's heartbeat (a comment every 15 s).
+READ_TIMEOUT = 70.0
 RECONNECTS = 5  # attempts in a row before giving up
 
 
@@ -35,28 +36,45 @@ def bearer(url: str, user: str) -> dict:
     return {"Authorization": f"Bearer {minted.json()['access_token']}"}
 
 
+def stream_chunks(base: str, room: str, user: str, parser: SSEParser) -> Iterator[str]:
+    """Yield the stream's chunks as text, each as soon as it has arrived."""
+    url, headers = f"{base}/rooms/{room}/events", {"Accept": "text/event-stream"}
+    if parser.last_id:
+        headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
+    timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
+    try:
+        headers.update(bearer(base, user))
+        # stream=True: return once the headers are in, leaving the body unread.
+        with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+            if response.status_code == 503:  # the server cannot reach Redis: try again later
+                response.raise_for_status()
+            SERVER.check_status(response, "text/event-stream")
+            # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
+            # A number would cut chunks into pieces of that size (and, on a body that
+            # is not chunked, wait until that many bytes have come); iter_lines holds
+            # text back until a newline arrives, so a chunk without one (a word of
+            # generated text, say) would wait for the next line. decode_unicode uses the
+            # charset the server named, and keeps a character split across chunks whole.
+            yield from response.iter_content(chunk_size=None, decode_unicode=True)
+    except requests.ConnectionError as error:
+        if parser.retry_ms is not None:  # it was there: `retry:` comes first, even to a quiet room
+            raise
+        raise SERVER.cannot_connect(url, error) from None
+
+
 def follow(base: str, room: str, user: str) -> Iterator[Event]:
     """Yield the room's events; when the stream ends or breaks, resume after the last one."""
-    url, parser, failures = f"{base}/rooms/{room}/events", SSEParser(), 0
+    parser, failures = SSEParser(), 0
     while True:
-        headers = {"Accept": "text/event-stream"}
-        if parser.last_id:
-            headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
         try:
-            headers.update(bearer(base, user))
-            with requests.get(url, headers=headers, stream=True, timeout=(3.05, READ_TIMEOUT)) as r:
-                problem = "the server cannot reach Redis"  # it answers 503: try again later
-                if r.status_code != 503:
-                    SERVER.check_status(r, "text/event-stream")
-                    for text in r.iter_content(chunk_size=None, decode_unicode=True):
-                        for event in parser.feed(text):
-                            failures = 0  # only a connection that brings events counts as working
-                            yield event
-                    problem = "the server ended the stream"
-        except requests.RequestException as error:
-            # Never reached the server (it sends `retry:` first, even to an empty room): say so.
-            if parser.retry_ms is None and isinstance(error, requests.ConnectionError):
-                raise SERVER.cannot_connect(url, error) from None
+            for text in stream_chunks(base, room, user, parser):
+                for event in parser.feed(text):
+                    failures = 0  # only a connection that brings events counts as working
+                    yield event
+            problem = "the server ended the stream"
+        except requests.HTTPError:  # the 503 above
+            problem = "the server cannot reach Redis"
+        except requests.RequestException:  # a drop, a timeout: the events so far are kept
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:
@@ -95,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default="User1", help="who you are (default: User1)")
     parser.add_argument("--say", metavar="TEXT", help="post TEXT, and exit")
     args = parser.parse_args(argv)
-
     try:
         where = (base_url(args.url), args.room, args.user)
         if args.say is not None:
-            message_id = say(*where, args.say)
-            print(f"sent to {args.room} as {args.user}: id {message_id}")
+            print(f"sent to {args.room} as {args.user}: id {say(*where, args.say)}")
             return 0
         hint = f"(in {args.room} as {args.user}: type a line, Enter posts it; Ctrl-C leaves)"
         print(hint, file=sys.stderr)
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for event in follow(*where):
             data = json.loads(event.data)
             if event.type == "message":
-                at = datetime.fromtimestamp(data["time"]).strftime("%H:%M:%S")
+                at = time.strftime("%H:%M:%S", time.localtime(data["time"]))
                 print(f"{at} {data['user']}: {data['text']}", flush=True)
             else:  # reset: messages were lost; overflow: we fell behind; error: Redis is down
                 print(f"({event.type}: {event.data})", flush=True)

@@ -11,8 +11,8 @@ import argparse
 import re
 import sys
 import time
+from collections import namedtuple
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import requests
 
@@ -25,12 +25,7 @@ SERVER = Server(4, "stream_server_sse.py")  # named in the error messages
 READ_TIMEOUT = 70.0
 LINE_END = re.compile(r"\r\n|\r|\n")  # SSE allows all three
 RECONNECTS = 5  # attempts in a row before giving up
-
-
-class Event(NamedTuple):
-    type: str
-    data: str
-    id: str
+Event = namedtuple("Event", "type data id")  # what SSEParser.feed() returns, one per event
 
 
 class SSEParser:
@@ -66,36 +61,42 @@ class SSEParser:
             self.retry_ms = int(value)
 
 
+def stream_chunks(url: str, params: dict, parser: SSEParser) -> Iterator[str]:
+    """Yield the stream's chunks as text, each as soon as it has arrived."""
+    headers = {"Accept": "text/event-stream"}
+    if parser.last_id:
+        headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
+    timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
+    try:
+        # stream=True: return once the headers are in, leaving the body unread.
+        with requests.get(url, params, headers=headers, stream=True, timeout=timeout) as response:
+            SERVER.check_status(response, "text/event-stream")
+            # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
+            # A number would cut chunks into pieces of that size (and, on a body that
+            # is not chunked, wait until that many bytes have come); iter_lines holds
+            # text back until a newline arrives, so a chunk without one (a word of
+            # generated text, say) would wait for the next line. decode_unicode uses the
+            # charset the server named, and keeps a character split across chunks whole.
+            yield from response.iter_content(chunk_size=None, decode_unicode=True)
+    except requests.ConnectionError as error:
+        if parser.last_id:  # events came from this server: follow() reconnects
+            raise
+        raise SERVER.cannot_connect(url, error) from None
+
+
 def follow(url: str, params: dict) -> Iterator[Event]:
     """Yield the events of one stream until its `end` event, reconnecting as EventSource does."""
     parser, failures = SSEParser(), 0
-    timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
     while True:
-        headers = {"Accept": "text/event-stream"}
-        if parser.last_id:
-            headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
         try:
-            # stream=True: return once the headers are in, leaving the body unread.
-            with requests.get(
-                url, params, headers=headers, stream=True, timeout=timeout
-            ) as response:
-                SERVER.check_status(response, "text/event-stream")
-                # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
-                # A number would cut chunks into pieces of that size (and, on a body that
-                # is not chunked, wait until that many bytes have come); iter_lines holds
-                # text back until a newline arrives, so a chunk without one (a word of
-                # generated text, say) would wait for the next line. decode_unicode uses the
-                # charset the server named, and keeps a character split across chunks whole.
-                for text in response.iter_content(chunk_size=None, decode_unicode=True):
-                    for event in parser.feed(text):
-                        failures = 0  # only a connection that brings events counts as working
-                        yield event
-                        if event.type == "end":
-                            return
+            for text in stream_chunks(url, params, parser):
+                for event in parser.feed(text):
+                    failures = 0  # only a connection that brings events counts as working
+                    yield event
+                    if event.type == "end":
+                        return
             problem = "the server closed the stream before its end"
-        except requests.RequestException as error:
-            if not parser.last_id and isinstance(error, requests.ConnectionError):
-                raise SERVER.cannot_connect(url, error) from None
+        except requests.RequestException:  # a drop, a timeout: the events so far are kept
             problem = "the connection was lost"
         failures += 1
         if failures > RECONNECTS:
@@ -119,15 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for event in follow(f"{base_url(args.url)}/{path}", params):
-            elapsed = f"+{time.monotonic() - started:.2f}s"
             if event.type == "token":
                 print(event.data, end="", flush=True)  # words join into the text as they come
-            elif event.type == "end":
-                if args.tokens:
-                    print()  # finish the line of words
-                print(f"{elapsed}  end: {event.data}")
-            else:
-                print(f"{elapsed}  #{event.id} {event.type}: {event.data}", flush=True)
+                continue
+            if event.type == "end" and args.tokens:
+                print()  # finish the line of words
+            what = "end" if event.type == "end" else f"#{event.id} {event.type}"
+            print(f"+{time.monotonic() - started:.2f}s  {what}: {event.data}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
