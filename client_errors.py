@@ -7,8 +7,14 @@ start when that is the cure. Each client names its server once and asks it:
     SERVER = Server(1, "stream_server.py")             # step 1's server, named in its errors
     SERVER.check_status(response, "text/plain")         # lets the step's own answer through
     raise SERVER.cannot_connect(url, error) from None   # says why a connection failed
+
+The plumbing around those errors is here too, so that a step's code shows its lesson: the
+clients that take tokens (steps 3, 5, 6 and 7) POST for them with SERVER.post_json and read
+--cacert with ca_certs.
 """
 
+import argparse
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +35,14 @@ def base_url(url: str) -> str:
     if re.fullmatch(r"https?://[^/?#\s]+/*", url):
         return url.rstrip("/")
     raise StreamError(f"--url takes the server's http(s) base URL such as {DEFAULT_URL}, not {url}")
+
+
+def ca_certs(parser: argparse.ArgumentParser, cacert: str | None) -> str | bool:
+    """requests' verify= for --cacert: that CA's file, or True for the system's CAs; never False,
+    which accepts any certificate. A --cacert file that is not there is a usage error."""
+    if cacert and not os.path.isfile(cacert):
+        parser.error(f"--cacert {cacert}: no such file")
+    return cacert or True
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,28 @@ class Server:
             return
         url = response.url.partition("?")[0]
         raise self.refusal(url, status, kind, response.json, response.reason)
+
+    def post_json(
+        self, url: str, body: dict, verify: str | bool, unavailable: type[StreamError] | None = None
+    ) -> dict:
+        """POST `body` as JSON; the JSON object answered, or a StreamError saying what went wrong.
+        A 503 raises `unavailable` instead, if given, for a step that tries again later."""
+        try:
+            response = requests.post(url, json=body, timeout=(3.05, 10), verify=verify)
+        except requests.ConnectionError as error:
+            raise self.cannot_connect(url, error) from None
+        except requests.RequestException as error:  # a malformed URL, for one
+            raise StreamError(str(error)) from None
+        if unavailable and response.status_code == 503:
+            raise unavailable(f"{url} answered 503")
+        self.check_status(response, "application/json")
+        try:
+            answer = response.json()
+        except ValueError:  # said to be JSON, and is not
+            answer = None
+        if isinstance(answer, dict):
+            return answer
+        raise self.start_it(f"{url} sent no JSON object: it is not step {self.step}'s server.")
 
     def refusal(
         self, url: str, status: int, kind: str, read_json: Callable[[], Any], reason: str

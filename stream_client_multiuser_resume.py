@@ -13,7 +13,6 @@ Start the server first (python stream_server_multiuser_resume.py --access-lifeti
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import jwt
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -84,16 +83,8 @@ def stream_chunks(
 
 def get_tokens(url: str, body: dict, verify: str | bool) -> dict:
     """POST for a pair of tokens: at /generate_token to log in, at /refresh_token to renew."""
-    try:
-        response = requests.post(url, json=body, timeout=(3.05, 10), verify=verify)
-    except requests.ConnectionError as error:
-        raise SERVER.cannot_connect(url, error) from None
-    except requests.RequestException as error:  # a malformed URL, for one
-        raise StreamError(str(error)) from None
-    if response.status_code == 503:  # such as while the server cannot reach Redis
-        raise Interrupted(f"{url} answered 503")
-    SERVER.check_status(response, "application/json")
-    tokens = response.json()
+    # A 503 (such as while the server cannot reach Redis) is Interrupted: worth a retry.
+    tokens = SERVER.post_json(url, body, verify, unavailable=Interrupted)
     # Step 3's server, for one, mints an access token alone: there is nothing to renew it with.
     lasts = tokens.get("expires_in")
     if not isinstance(tokens.get("refresh_token"), str) or not isinstance(lasts, int):
@@ -172,12 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
     parser.add_argument("--cacert", help="trust certificates signed by this CA (PEM file)")
     args = parser.parse_args(argv)
-    if args.cacert and not os.path.isfile(args.cacert):
-        parser.error(f"--cacert {args.cacert}: no such file")
-    # Certificates are always checked: with --cacert, against that CA; without, against the
-    # system's. Never verify=False: it accepts any certificate, so anyone on the path could
-    # pose as the server and collect the token.
-    verify = args.cacert or True
+    # Never verify=False: it accepts any certificate, so anyone posing as the server gets the token.
+    verify = ca_certs(parser, args.cacert)  # always checked: against --cacert's CA, or the system's
 
     try:
         base = base_url(args.url)

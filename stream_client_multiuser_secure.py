@@ -10,7 +10,6 @@ Start the server first (python stream_server_multiuser_secure.py), then:
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import jwt
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -66,15 +65,7 @@ def stream_chunks(
 
 def mint_token(base: str, user: str, verify: str | bool) -> str:
     """Ask the server for a token, as the README's curl command does."""
-    url = f"{base}/generate_token"
-    try:
-        response = requests.post(url, json={"user_id": user}, timeout=(3.05, 10), verify=verify)
-    except requests.ConnectionError as error:
-        raise SERVER.cannot_connect(url, error) from None
-    except requests.RequestException as error:  # a malformed URL, for one
-        raise StreamError(str(error)) from None
-    SERVER.check_status(response, "application/json")
-    return response.json()["access_token"]
+    return SERVER.post_json(f"{base}/generate_token", {"user_id": user}, verify)["access_token"]
 
 
 def show_claims(token: str) -> None:
@@ -105,12 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between chunks")
     parser.add_argument("--cacert", help="trust certificates signed by this CA (PEM file)")
     args = parser.parse_args(argv)
-    if args.cacert and not os.path.isfile(args.cacert):
-        parser.error(f"--cacert {args.cacert}: no such file")
-    # Certificates are always checked: with --cacert, against that CA; without, against the
-    # system's. Never verify=False: it accepts any certificate, so anyone on the path could
-    # pose as the server and collect the token.
-    verify = args.cacert or True
+    # Never verify=False: it accepts any certificate, so anyone posing as the server gets the token.
+    verify = ca_certs(parser, args.cacert)  # always checked: against --cacert's CA, or the system's
 
     try:
         base = base_url(args.url)

@@ -26,7 +26,6 @@ KNOWN_MISSES = {
     "the chat itself is 141 lines: within 240 (#14), the server cannot carry step 4's feed too",
     ("diff", "stream_client_chat.py"): "step 4's SSEParser is imported; a copy passes 140 lines",
     ("size", "stream_client_websocket.py"): "the reader, command thread and messages",
-    ("size", "stream_client_multiuser_refresh.py"): "step 3's client carried whole",
     ("size", "stream_client_multiuser_resume.py"): "step 6's client carried whole",
 }
 
