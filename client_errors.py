@@ -89,8 +89,9 @@ class Server:
     def post_json(
         self, url: str, body: dict, verify: str | bool, unavailable: type[StreamError] | None = None
     ) -> dict:
-        """POST `body` as JSON; the JSON object answered, or a StreamError saying what went wrong.
-        A 503 raises `unavailable` instead, if given, for a step that tries again later."""
+        """POST `body` as JSON for tokens; the JSON object answered, with its access_token, or a
+        StreamError saying what went wrong. A 503 raises `unavailable` instead, if given, for a
+        step that tries again later."""
         try:
             response = requests.post(url, json=body, timeout=(3.05, 10), verify=verify)
         except requests.ConnectionError as error:
@@ -104,9 +105,9 @@ class Server:
             answer = response.json()
         except ValueError:  # said to be JSON, and is not
             answer = None
-        if isinstance(answer, dict):
+        if isinstance(answer, dict) and isinstance(answer.get("access_token"), str):
             return answer
-        raise self.start_it(f"{url} sent no JSON object: it is not step {self.step}'s server.")
+        raise self.start_it(f"{url} sent no token: it is not step {self.step}'s server.")
 
     def refusal(
         self, url: str, status: int, kind: str, read_json: Callable[[], Any], reason: str

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import jwt
 import pytest
 import requests
+from flask import Flask, Response
 
 import show_chunks
 import stream_client_multiuser_secure as secure_client
@@ -382,6 +383,18 @@ def test_client_says_which_server_to_start_when_another_answers(
     assert secure_client.main(["--url", url, "--count", "1"]) == 1
     assert capsys.readouterr().err == (
         f"error: {url}{path} answered {answer}: it is not step 3's server. "
+        "Start it with: python stream_server_multiuser_secure.py\n"
+    )
+
+
+@pytest.mark.parametrize("body", ["[]", "{", "{}", '{"access_token": 1}'])
+def test_client_says_which_server_to_start_when_another_sends_no_token(serve, capsys, body):
+    other = Flask(__name__)
+    other.post("/generate_token")(lambda: Response(body, mimetype="application/json"))
+    url = serve(other)
+    assert secure_client.main(["--url", url]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {url}/generate_token sent no token: it is not step 3's server. "
         "Start it with: python stream_server_multiuser_secure.py\n"
     )
 
