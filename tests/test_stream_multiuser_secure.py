@@ -399,6 +399,16 @@ def test_client_says_which_server_to_start_when_another_sends_no_token(serve, ca
     )
 
 
+@pytest.mark.parametrize("which", ["missing", "key", "folder"])
+def test_a_cacert_that_holds_no_certificate_is_a_usage_error(tls, capsys, which):
+    cacert = {"missing": "certs/nothing.pem", "key": tls.key_file, "folder": "tests"}[which]
+    with pytest.raises(SystemExit) as exit:
+        secure_client.main(["--cacert", cacert])
+    assert exit.value.code == 2
+    why = {"missing": "no such file"}.get(which, "no certificate in it; pass the CA's (client.pem)")
+    assert capsys.readouterr().err.endswith(f"error: --cacert {cacert}: {why}\n")
+
+
 def test_an_http_url_to_an_https_server_says_it_speaks_https(serve, tls, capsys):
     url = serve(server.app, tls.server_context).replace("https://", "http://")
     assert secure_client.main(["--url", url, "--cacert", tls.ca_file]) == 1
