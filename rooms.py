@@ -41,7 +41,12 @@ class Broker:
     render(id, fields) makes a message's event, once for all its subscribers."""
 
     def __init__(self, client: redis.Redis, config: dict, render: Callable[..., str]) -> None:
-        self.redis, self.reader = client, client.client()  # the reader keeps one connection
+        # The reader's own pool of ONE connection, opened when it first reads (client.client()
+        # would connect here, and fail the server's start while Redis is down).
+        pool = client.connection_pool
+        kind, settings = pool.connection_class, pool.connection_kwargs
+        one = type(pool)(connection_class=kind, max_connections=1, **settings)
+        self.redis, self.reader = client, redis.Redis(connection_pool=one)
         self.config, self.render = config, render  # read at each use: settings may change
         self.instance = secrets.token_hex(6)  # names this process's keys in Redis
         self.wake_key = f"chat-wake:{self.instance}"

@@ -489,6 +489,20 @@ def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, red
     park(server.app.extensions.pop("chat"))  # not left for the tests that follow
 
 
+def test_the_server_starts_while_redis_is_down_and_answers_503(monkeypatch):
+    monkeypatch.delitem(server.app.extensions, "chat", raising=False)
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    server.broker()  # what the server does at start: no traceback, the rooms wait for Redis
+    posted = server.app.test_client().post(
+        "/rooms/lobby/messages", json={"text": "hi"}, headers=bearer(token_for("Al"))
+    )
+    assert posted.status_code == 503, posted.text
+    # Not left for the tests that follow: its reader, retrying, next waits forever instead.
+    parked, broker = threading.Event(), server.app.extensions.pop("chat")
+    broker.write_presence = lambda: parked.set() or threading.Event().wait()
+    assert parked.wait(WAIT), "the reader never tried again"
+
+
 def test_a_history_below_one_is_refused_at_start():
     command = [sys.executable, "stream_server_chat.py", "--history", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
