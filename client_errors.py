@@ -14,7 +14,6 @@ clients that take tokens (steps 3, 5, 6 and 7) POST for them with SERVER.post_js
 """
 
 import argparse
-import os
 import re
 import ssl
 from collections.abc import Callable
@@ -41,14 +40,15 @@ def base_url(url: str) -> str:
 def ca_certs(parser: argparse.ArgumentParser, cacert: str | None) -> str | bool:
     """requests' verify= for --cacert: that CA's file, or True for the system's CAs; never False,
     which accepts any certificate. A --cacert that is no file of certificates is a usage error."""
-    if cacert and not os.path.exists(cacert):
+    if not cacert:
+        return True
+    try:  # loaded now: a key or a folder would only fail later, as a baffling TLS error
+        ssl.create_default_context(cafile=cacert)
+    except FileNotFoundError:
         parser.error(f"--cacert {cacert}: no such file")
-    if cacert:
-        try:  # loaded now: a key or a folder would only fail later, as a baffling TLS error
-            ssl.create_default_context(cafile=cacert)
-        except OSError:  # ssl.SSLError is one
-            parser.error(f"--cacert {cacert}: no certificate in it; pass the CA's (client.pem)")
-    return cacert or True
+    except OSError:  # ssl.SSLError is one
+        parser.error(f"--cacert {cacert}: no certificate in it; pass the CA's (client.pem)")
+    return cacert
 
 
 @dataclass(frozen=True)
