@@ -65,11 +65,10 @@ SERVERS = {  # name: command, with {module} and {port} filled in
 # what gunicorn costs without Flask. And on Starlette and uvicorn (bench/requirements.txt).
 SERVERS["gunicorn gevent, bare WSGI (reference)"] = [
     *SERVERS["gunicorn gevent"][:-1],
+    "--pythonpath",
+    "bench",
     "wsgi_app:app",
 ]
-# Found through PYTHONPATH rather than --pythonpath: gunicorn.conf.py's start-up check imports
-# the app's module in a separate interpreter, which sees the environment, not gunicorn's flags.
-ENVIRONMENT = {"gunicorn gevent, bare WSGI (reference)": {"PYTHONPATH": str(ROOT / "bench")}}
 UVICORN = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "--port", "{port}"]
 UVICORN += ["--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "1"]
 HAS_UVICORN = all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn"))
@@ -155,6 +154,12 @@ class Server:
                 times = process.cpu_times()
                 total += times.user + times.system
         return total
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self.process.terminate()
@@ -499,12 +504,16 @@ def concurrent_streams(port: int, users: int) -> tuple[float, int]:
     return time.perf_counter() - started, sum(stream.error is not None for stream in streams)
 
 
+def warm_up(port: int) -> None:
+    """The first request of each worker imports and caches: made before anything is timed."""
+    for worker in range(4):
+        stream(port, f"/stream/warmup{worker}?count=1")
+
+
 def measure(name: str, command: list[str], quick: bool) -> dict:
     print(f"streams: {name} ...", file=sys.stderr, flush=True)
-    server = Server(command, "stream_server_multiuser", ENVIRONMENT.get(name))
-    try:
-        for worker in range(4):  # warm up: the first request of each worker imports and caches
-            stream(server.port, f"/stream/warmup{worker}?count=1")
+    with Server(command, "stream_server_multiuser") as server:
+        warm_up(server.port)
         first, gap = first_chunk_and_gaps(server.port, runs=3 if quick else 10)
         rates, memory = rate_and_memory(server, count=20_000 if quick else 100_000, runs=3)
         row = {"server": name, "first chunk ms": first, "gap error ms": gap}
@@ -518,8 +527,6 @@ def measure(name: str, command: list[str], quick: bool) -> dict:
             row[f"{users} streams s"] = statistics.median(seconds for seconds, _ in runs)
             row[f"{users} errors"] = sum(errors for _, errors in runs)
         return row
-    finally:
-        server.stop()
 
 
 # Capacity and fan-out: what they need from the machine, and what limits them.
@@ -611,12 +618,10 @@ def capacity(
     """`count` paced streams of step 2 at once on one server process, at most `window` of
     them opening at a time."""
     print(f"capacity: {name}, {count:,} streams ...", file=sys.stderr, flush=True)
-    server = Server(
+    with Server(
         command, "stream_server_multiuser", connections=count + 100, backlog=args.backlog
-    )
-    try:
-        for user in range(4):  # warm up: imports and caches of the first requests
-            stream(server.port, f"/stream/warmup{user}?count=1")
+    ) as server:
+        warm_up(server.port)
         query = f"count={args.chunks}&interval={args.interval}"
         streams = [
             ChunkStream(server.port, f"/stream/c{n}?{query}", args.chunks) for n in range(count)
@@ -651,8 +656,6 @@ def capacity(
         row |= usage.stop()
         row["error kinds"] = errors_by_kind(streams)
         return row
-    finally:
-        server.stop()
 
 
 class Poster:
@@ -755,22 +758,21 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
     print(f"fan-out: {name}, {count:,} subscribers ...", file=sys.stderr, flush=True)
     command, instances, with_redis = FANOUT_SETUPS[name]
     key = secrets.token_urlsafe(32)
-    started: list[Server] = []
+    # Stopped in reverse: the step's servers, then Redis, and only then Redis's folder goes.
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(lambda: [server.stop() for server in reversed(started)])
         env = {"JWT_SECRET_KEY": key, "REDIS_URL": None}
         per_instance = -(-count // instances)
         if with_redis:
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
-            started.append(redis := Server(REDIS, folder=folder))
+            redis = cleanup.enter_context(Server(REDIS, folder=folder))
             # redis-py's pool holds 100 connections unless the URL says otherwise; each
             # subscriber joining takes one for a moment, and many join at once.
             pool = per_instance + 100
             env["REDIS_URL"] = f"redis://{HOST}:{redis.port}/0?max_connections={pool}"
-        for _ in range(instances):
-            server = Server(command, env=env, connections=per_instance + 100, backlog=args.backlog)
-            started.append(server)
-        servers = started[1:] if with_redis else started
+        options = {"connections": per_instance + 100, "backlog": args.backlog}
+        servers = [
+            cleanup.enter_context(Server(command, env=env, **options)) for _ in range(instances)
+        ]
         ports = [server.port for server in servers]
         warm = Poster(ports, access_token(key, "warmup"), rate=1000, count=2 * len(ports))
         warm.run()  # the first requests import, connect to Redis, cache
@@ -781,7 +783,7 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
         streams = [EventStream(ports[n % len(ports)], path, headers) for n in range(count)]
         token, messages = access_token(key, "poster"), round(args.rate * args.seconds)
         poster = Poster(ports, token, args.rate, messages)
-        groups = {"server": servers} | ({"Redis": started[:1]} if with_redis else {})
+        groups = {"server": servers} | ({"Redis": [redis]} if with_redis else {})
         drops, usage = listen_drops(), Usage(groups)
         subscribed: list[EventStream] = []  # those open when the poster began
         posting: list[Usage] = []  # CPU used from the first POST on
