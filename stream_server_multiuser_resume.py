@@ -45,8 +45,6 @@ app.config["MAX_CONTENT_LENGTH"] = 1024  # a token request is tiny; a bigger bod
 MAX_COUNT = 1_000_000
 MAX_INTERVAL = 60
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
-# Not only dots: "." and ".." are path segments that URL normalisation would resolve away.
-USER_ID = re.compile(r"(?!\.+$)[A-Za-z0-9_.-]{1,64}")
 
 
 class StreamTracker:
