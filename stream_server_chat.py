@@ -29,7 +29,6 @@ import re
 import threading
 from collections.abc import Iterator
 
-import fakeredis
 import redis
 from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
@@ -101,6 +100,7 @@ def broker() -> Broker:
                     connection_pool=redis.BlockingConnectionPool.from_url(url, **options)
                 )
             else:  # fakeredis: the same commands, served from this process's memory
+                import fakeredis  # only here: it loads numpy, ~14 MB a process that uses Redis
                 logger.warning("REDIS_URL is unset: rooms live in this process, which serves "
                                "them alone (no other worker or host sees them)")
                 pool = {"connection_pool_class": redis.BlockingConnectionPool}
