@@ -150,14 +150,29 @@ class Broker:
         ttl = self.config["PRESENCE_TTL"]
         with self.redis.pipeline() as pipe:
             for room, users in counts.items():
-                pipe.delete(key := f"chat-presence:{room}:{self.instance}")
+                # The room's index names the keys of the processes that report on it, so that
+                # presence() reads those, not every key in Redis (a SCAN would).
+                index = f"chat-presence:{room}"
+                pipe.delete(key := f"{index}:{self.instance}")
                 if users:
                     pipe.hset(key, mapping=users).expire(key, ttl)
+                    pipe.sadd(index, key).expire(index, ttl)
+                else:
+                    pipe.srem(index, key)
             pipe.expire(self.wake_key, ttl).execute()
 
     def presence(self, room: str) -> dict[str, int]:
-        """Open streams per user in a room, added up over every process that shares Redis."""
+        """Open streams per user in a room, added up over every process that shares Redis, in
+        two round trips. A key that has expired (its process died) leaves the room's index."""
+        index = f"chat-presence:{room}"
+        keys = list(self.redis.smembers(index))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            reports = pipe.execute()
         users: Counter[str] = Counter()
-        for key in self.redis.scan_iter(match=f"chat-presence:{room}:*", count=1000):
-            users.update({user: int(n) for user, n in self.redis.hgetall(key).items()})
+        for report in reports:
+            users.update({user: int(n) for user, n in report.items()})
+        if gone := [key for key, report in zip(keys, reports, strict=True) if not report]:
+            self.redis.srem(index, *gone)
         return dict(users)
