@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from types import SimpleNamespace
@@ -675,11 +676,14 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
 # Two gunicorn -k gevent instances sharing one real Redis: what no single process can show
 
 
-def start_instance(redis_url: str, presence_ttl: int = 2) -> Gunicorn:
+def start_instance(
+    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn
+) -> Gunicorn:
     """`gunicorn -k gevent` running the chat step in one worker, with REDIS_URL, and a short
-    bound for presence, so that a dead instance drops out within the test."""
+    bound for presence, so that a dead instance drops out within the test. `start` is
+    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends."""
     env = {"REDIS_URL": redis_url, "CHAT_PRESENCE_TTL": str(presence_ttl)}
-    return Gunicorn("stream_server_chat", "gevent", env=env)
+    return start("stream_server_chat", "gevent", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -746,23 +750,20 @@ def test_an_id_older_than_the_history_gets_a_reset_on_any_instance(
 
 
 def test_presence_counts_every_instance_and_forgets_a_dead_one(
-    instances, redis_server, room, follow
+    instances, redis_server, room, follow, gunicorn
 ):
-    a, doomed = instances[0], start_instance(redis_server.url, presence_ttl=1)
-    try:
-        for _ in range(2):
-            follow(a, room, "Alice")
-        follow(doomed.url, room, "Bob")
-        for url in (a, doomed.url):
-            wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
-        doomed.kill()
-        killed = time.monotonic()
-        wait_until(lambda: presence(a, room) == {"Alice": 2})
-        # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
-        # for a busy machine.
-        assert time.monotonic() - killed < 1 + 3
-    finally:
-        doomed.stop()
+    a, doomed = instances[0], start_instance(redis_server.url, presence_ttl=1, start=gunicorn)
+    for _ in range(2):
+        follow(a, room, "Alice")
+    follow(doomed.url, room, "Bob")
+    for url in (a, doomed.url):
+        wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
+    doomed.kill()
+    killed = time.monotonic()
+    wait_until(lambda: presence(a, room) == {"Alice": 2})
+    # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
+    # for a busy machine.
+    assert time.monotonic() - killed < 1 + 3
 
 
 def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_server):
@@ -808,9 +809,9 @@ def test_through_nginx_each_message_arrives_as_it_is_posted(
 
 
 def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
-    redis_server, nginx, room
+    redis_server, nginx, room, gunicorn
 ):
-    both = [start_instance(redis_server.url) for _ in range(2)]
+    both = [start_instance(redis_server.url, start=gunicorn) for _ in range(2)]
     walker = reader = None
     try:
         proxy = nginx(*(port_of(instance.url) for instance in both))
@@ -850,8 +851,6 @@ def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
         if walker:
             walker.stdin.close()
             walker.stdout.close()
-        for instance in both:
-            instance.stop()
 
 
 # The page in headless Chromium
