@@ -102,6 +102,22 @@ def https_step(script: str, tls) -> Iterator[str]:
         process.stderr.close()
 
 
+def run_step(script: str, log: Path, port: int) -> subprocess.Popen:
+    """Run a step's script on `port`, with the test key, its log in a file; back once it
+    listens. stop_step() ends it."""
+    command = [sys.executable, script, "--port", str(port)]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    with log.open("a") as output:  # the child keeps its own copy of the file
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)
+    wait_until(lambda: f"Running on http://127.0.0.1:{port}" in log.read_text())
+    return process
+
+
+def stop_step(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(WAIT)
+
+
 # Step 5's WebSocket messages are JSON objects, each with a "type".
 
 

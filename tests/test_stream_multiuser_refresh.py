@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jwt
 import pytest
@@ -30,8 +29,9 @@ from helpers import (
     free_port,
     https_step,
     only_help,
+    run_step,
+    stop_step,
     token_for,
-    wait_until,
 )
 from services import Gunicorn
 
@@ -365,25 +365,10 @@ def test_the_url_is_the_servers_base_url(capsys, url):
 # The script, and HTTPS
 
 
-def run_server(log: Path, port: int, **env: str) -> subprocess.Popen:
-    """The step 6 script on `port`, its log in a file; back once it listens."""
-    command = [sys.executable, "stream_server_multiuser_refresh.py", "--port", str(port)]
-    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), **env}
-    with log.open("a") as output:  # the child keeps its own copy of the file
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)
-    wait_until(lambda: f"Running on http://127.0.0.1:{port}" in log.read_text())
-    return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(WAIT)
-
-
 def test_the_server_says_at_start_where_it_detects_reuse(tmp_path, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     log = tmp_path / "server.log"
-    stop(run_server(log, free_port()))
+    stop_step(run_step("stream_server_multiuser_refresh.py", log, free_port()))
     started = log.read_text()
     assert "REDIS_URL is unset: reuse is detected within this process only" in started
     assert started.index("within this process only") < started.index("Running on")
