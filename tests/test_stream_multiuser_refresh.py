@@ -113,8 +113,7 @@ def test_a_refresh_token_buys_a_new_pair_of_the_same_login_once(client):
     assert_refused(refresh(client, first["refresh_token"]), USED)
 
 
-@pytest.mark.parametrize("who_refreshes_first", ["owner", "thief"])
-def test_the_reuse_of_a_refresh_token_revokes_its_whole_login(client, who_refreshes_first):
+def test_the_reuse_of_a_refresh_token_revokes_its_whole_login(client):
     # RFC 9700, 4.14.2: the server cannot tell the thief from the owner, so it revokes
     # every token of the login; whoever refreshed first is refused at the next refresh.
     stolen = pair(client)["refresh_token"]
