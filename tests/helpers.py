@@ -1,4 +1,5 @@
-"""Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
+"""Small helpers for the tests: raw sockets, expected framing, bounded waiting, pages in the
+browser."""
 
 import contextlib
 import json
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
+from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the most any test waits for something that should happen at once
@@ -63,6 +65,20 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.01)
+
+
+def wait_in_page(page, condition: Callable[[], bool], what: str):
+    """Check `condition` in the browser's page until it holds, for at most WAIT seconds."""
+    return WebDriverWait(page, WAIT, poll_frequency=0.02).until(
+        lambda _: condition(), message=f"the page never showed {what}"
+    )
+
+
+def save_screenshot(page, name: str) -> bool:
+    """Save what the page shows as test-artifacts/<name>, for people to look at."""
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    return page.save_screenshot(str(artifacts / name))
 
 
 def port_of(url: str) -> int:

@@ -23,7 +23,6 @@ import pytest
 import redis
 import requests
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 import show_chunks
 import stream_client_chat as chat_client
@@ -36,7 +35,9 @@ from helpers import (
     free_port,
     only_help,
     port_of,
+    save_screenshot,
     token_for,
+    wait_in_page,
     wait_until,
 )
 from services import Gunicorn
@@ -873,12 +874,6 @@ def page_says(page, text: str) -> None:
     page.find_element(By.ID, "say").click()
 
 
-def wait_in_page(page, condition, what: str):
-    return WebDriverWait(page, WAIT, poll_frequency=0.02).until(
-        lambda _: condition(), message=f"the page never showed {what}"
-    )
-
-
 def joined(page, url: str, room: str, user: str) -> None:
     page.get(f"{url}/?room={room}&user={user}")
     status = page.find_element(By.ID, "status")
@@ -936,9 +931,7 @@ def test_screenshot_of_the_page(chat, base, browser, follow, monkeypatch):
     wait_in_page(browser, lambda: len(shown(browser)) == 4, "the last message")
     here = browser.find_element(By.ID, "presence")
     wait_in_page(browser, lambda: here.text == "here: Alice, Bob", "who is here")
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(artifacts / "chat_page.png"))
+    assert save_screenshot(browser, "chat_page.png")
 
 
 def test_help_prints_only_the_help():
