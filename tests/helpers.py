@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
+import websocket
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,24 @@ def stop_step(process: subprocess.Popen) -> None:
     process.wait(WAIT)
 
 
-# Step 5's WebSocket messages are JSON objects, each with a "type".
+# Step 5's WebSocket: the handshake's headers, a connection, and its messages, JSON objects
+# each with a "type".
+
+HANDSHAKE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+def open_ws(base_url: str, query: str = "count=1000&interval=0.05", token: str | None = None):
+    """A WebSocket to the step's /ws at an http:// base URL, with a valid token unless given
+    one."""
+    url = f"{base_url.replace('http', 'ws')}/ws?{query}"
+    return websocket.create_connection(
+        url, header=[f"Authorization: Bearer {token or token_for()}"], timeout=WAIT
+    )
 
 
 def receive(ws) -> dict:

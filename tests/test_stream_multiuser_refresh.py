@@ -22,6 +22,7 @@ import stream_server_multiuser_resume as resume_server
 import stream_server_multiuser_secure as secure_server
 import stream_server_websocket as websocket_server
 from helpers import (
+    HANDSHAKE,
     ROOT,
     TEST_KEY,
     WAIT,
@@ -142,9 +143,7 @@ def test_a_refresh_token_opens_no_stream_on_any_step(client):
     assert "chunk" not in response.text
     step_3 = secure_server.app.test_client().get("/stream", headers=bearer(token))
     assert_refused(step_3, NOT_ACCESS)
-    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
-    upgrade["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
-    step_5 = websocket_server.app.test_client().get("/ws", headers={**upgrade, **bearer(token)})
+    step_5 = websocket_server.app.test_client().get("/ws", headers={**HANDSHAKE, **bearer(token)})
     assert_refused(step_5, NOT_ACCESS)
     step_7 = resume_server.app.test_client().get("/stream", headers=bearer(token))
     assert_refused(step_7, NOT_ACCESS)
