@@ -653,7 +653,7 @@ def test_client_waits_longer_after_each_503(chat, base, room, monkeypatch, capsy
 
 
 @only_in_process
-def test_client_reports_bad_input_and_a_missing_server(base, capsys):
+def test_client_reports_bad_input_and_a_missing_server(base, capsys, monkeypatch):
     assert chat_client.main(["--url", base, "--room", "bad room", "--say", "hi"]) == 1
     assert capsys.readouterr().err.startswith("error: server answered 400: room must be")
     url = f"http://127.0.0.1:{free_port()}"
@@ -662,12 +662,8 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
         f"error: cannot connect to {url}: is the server running? "
         "Start it with: python stream_server_chat.py\n"
     )
-    monkeypatch_stdin = io.StringIO("")
-    sys_stdin, sys.stdin = sys.stdin, monkeypatch_stdin
-    try:
-        assert chat_client.main(["--url", url]) == 1
-    finally:
-        sys.stdin = sys_stdin
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert chat_client.main(["--url", url]) == 1
     assert capsys.readouterr().err.splitlines(keepends=True)[-1] == (
         f"error: cannot connect to {url}/rooms/lobby/events: is the server running? "
         "Start it with: python stream_server_chat.py\n"
