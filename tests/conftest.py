@@ -169,8 +169,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The URL of a running, empty Redis, for one test."""
-    if redis_server.process is None:  # a test before this one stopped it
-        redis_server.start()
+    redis_server.start()  # if a test before this one stopped it; else it runs already
     redis_server.flush()
     return redis_server.url
 
