@@ -36,8 +36,6 @@ from helpers import (
 )
 from services import Gunicorn
 
-pytestmark = pytest.mark.step(server)
-
 USED = "this refresh token was already used: its login is now revoked"
 REVOKED = "this login was revoked: log in again"
 NOT_ACCESS = "not an access token (its JWT header lacks typ at+jwt)"
