@@ -27,7 +27,7 @@ import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
 import stream_server_multiuser_resume as resume
 import stream_server_multiuser_secure as secure
-from helpers import ROOT, TEST_KEY, WAIT, bearer, https_step, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, https_step, port_of, token_for, wait_until
 from services import Gunicorn
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
@@ -349,7 +349,7 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
 @pytest.mark.parametrize("module", list(TLS_STEPS))
 def test_an_idle_connection_does_not_hold_up_https(module, tls):
     with https_step(f"{module}.py", tls) as url:
-        port = urlsplit(url).port
+        port = port_of(url)
         # Connected, and silent: no TLS handshake. Before, the server waited for it in the
         # one thread that accepts every connection, and served no one else meanwhile.
         with socket.create_connection(("127.0.0.1", port)):
@@ -370,7 +370,7 @@ def test_an_idle_connection_does_not_hold_up_https(module, tls):
 def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monkeypatch):
     monkeypatch.setattr(step.RequestHandler, "timeout", 0.2)  # REQUEST_TIMEOUT, 5 s in the step
     url = dev_server(step, tls)
-    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=WAIT) as idle:
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=WAIT) as idle:
         # The server closes the connection (b""); before, recv() waited on for WAIT seconds.
         assert idle.recv(1) == b""
     minted = requests.post(

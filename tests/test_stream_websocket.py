@@ -26,6 +26,7 @@ from helpers import (
     ROOT,
     TEST_KEY,
     WAIT,
+    bearer,
     free_port,
     https_step,
     next_of_type,
@@ -187,7 +188,7 @@ def test_a_client_that_vanishes_frees_its_stream(base_url, caplog, paused):
 
 def test_status_counts_the_websocket_streams_open_now(base_url):
     def status() -> dict:
-        headers = {"Authorization": f"Bearer {token_for()}"}
+        headers = bearer(token_for())
         response = requests.get(f"{base_url}/status", headers=headers, timeout=WAIT)
         assert response.status_code == 200, response.text
         return response.json()
@@ -238,7 +239,7 @@ def test_a_client_that_resets_the_connection_is_logged_as_a_disconnect(
     ],
 )
 def test_a_bad_handshake_with_a_valid_token_gets_a_clear_4xx(base_url, change, status, error):
-    headers = {**HANDSHAKE, **change, "Authorization": f"Bearer {token_for()}"}
+    headers = {**HANDSHAKE, **change, **bearer(token_for())}
     headers = {name: value for name, value in headers.items() if value is not None}
     response = requests.get(f"{base_url}/ws", headers=headers, timeout=WAIT)
     assert response.status_code == status, response.text
