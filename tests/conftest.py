@@ -169,8 +169,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The URL of a running, empty Redis, for one test."""
-    if redis_server.process is None:  # a test before this one stopped it
-        redis_server.start()
+    redis_server.start()  # if a test before this one stopped it; else it runs already
     redis_server.flush()
     return redis_server.url
 
@@ -194,12 +193,13 @@ def nginx() -> Iterator[Callable[..., Nginx]]:
 
 @pytest.fixture
 def gunicorn() -> Iterator[Callable[..., Gunicorn]]:
-    """Start a step's app under gunicorn: gunicorn(module, worker, threads=8). Each call gives
-    a running server (one worker process, on a free port); all stop when the test ends."""
+    """Start a step's app under gunicorn: gunicorn(module, worker), with Gunicorn's other
+    options as keywords (threads=8, extra, workers=1, env). Each call gives a running server
+    (on a free port); all stop when the test ends."""
     started: list[Gunicorn] = []
 
-    def start(module: str, worker: str = "gthread", threads: int = 8) -> Gunicorn:
-        started.append(Gunicorn(module, worker, threads))
+    def start(module: str, worker: str = "gthread", **options) -> Gunicorn:
+        started.append(Gunicorn(module, worker, **options))
         return started[-1]
 
     yield start

@@ -1,4 +1,5 @@
-"""Small helpers for the tests: raw sockets, expected framing, bounded waiting."""
+"""Small helpers for the tests: raw sockets, expected framing, bounded waiting, pages in the
+browser."""
 
 import contextlib
 import json
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwt
+import websocket
+from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10.0  # seconds: the most any test waits for something that should happen at once
@@ -65,6 +68,20 @@ def wait_until(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
+def wait_in_page(page, condition: Callable[[], bool], what: str):
+    """Check `condition` in the browser's page until it holds, for at most WAIT seconds."""
+    return WebDriverWait(page, WAIT, poll_frequency=0.02).until(
+        lambda _: condition(), message=f"the page never showed {what}"
+    )
+
+
+def save_screenshot(page, name: str) -> bool:
+    """Save what the page shows as test-artifacts/<name>, for people to look at."""
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    return page.save_screenshot(str(artifacts / name))
+
+
 def port_of(url: str) -> int:
     """The port of a base URL such as http://127.0.0.1:5000."""
     return int(url.rsplit(":", 1)[1])
@@ -102,7 +119,40 @@ def https_step(script: str, tls) -> Iterator[str]:
         process.stderr.close()
 
 
-# Step 5's WebSocket messages are JSON objects, each with a "type".
+def run_step(script: str, log: Path, port: int) -> subprocess.Popen:
+    """Run a step's script on `port`, with the test key, its log in a file; back once it
+    listens. stop_step() ends it."""
+    command = [sys.executable, script, "--port", str(port)]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    with log.open("a") as output:  # the child keeps its own copy of the file
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)
+    wait_until(lambda: f"Running on http://127.0.0.1:{port}" in log.read_text())
+    return process
+
+
+def stop_step(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(WAIT)
+
+
+# Step 5's WebSocket: the handshake's headers, a connection, and its messages, JSON objects
+# each with a "type".
+
+HANDSHAKE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+def open_ws(base_url: str, query: str = "count=1000&interval=0.05", token: str | None = None):
+    """A WebSocket to the step's /ws at an http:// base URL, with a valid token unless given
+    one."""
+    url = f"{base_url.replace('http', 'ws')}/ws?{query}"
+    return websocket.create_connection(
+        url, header=[f"Authorization: Bearer {token or token_for()}"], timeout=WAIT
+    )
 
 
 def receive(ws) -> dict:

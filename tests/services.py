@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from helpers import ROOT, TEST_KEY, WAIT, free_port, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, free_port, port_of, wait_until
 
 
 class RedisServer:
@@ -101,7 +101,7 @@ class Gunicorn:
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
         self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
+        self.port = port_of(self.url)
 
     def _drain(self) -> None:
         for line in self.process.stdout:

@@ -5,14 +5,13 @@ figures. Its timings are read, not tested."""
 
 import time
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 
 import stream_server_chat as chat
 import stream_server_multiuser as server
 from bench import bench
-from helpers import TEST_KEY, WAIT, free_port
+from helpers import TEST_KEY, WAIT, bearer, free_port, port_of
 
 pytestmark = pytest.mark.step(server)
 
@@ -25,7 +24,7 @@ def chunk(payload: bytes) -> bytes:
 
 @pytest.fixture
 def port(serve) -> int:
-    return urlsplit(serve(server.app)).port
+    return port_of(serve(server.app))
 
 
 def test_concurrent_streams_arrive_whole(port, pauses):
@@ -113,8 +112,8 @@ def test_subscribers_get_every_posted_message_once(serve, monkeypatch):
     """The fan-out client end to end, on the chat step in this process (its in-process broker):
     the poster begins once every subscriber is open, as in the benchmark."""
     monkeypatch.setitem(chat.app.config, "JWT_SECRET_KEY", TEST_KEY)
-    port, room = urlsplit(serve(chat.app)).port, f"bench-{uuid.uuid4().hex[:8]}"
-    headers = {"Authorization": f"Bearer {bench.access_token(TEST_KEY, 'reader')}"}
+    port, room = port_of(serve(chat.app)), f"bench-{uuid.uuid4().hex[:8]}"
+    headers = bearer(bench.access_token(TEST_KEY, "reader"))
     streams = [bench.EventStream(port, f"/rooms/{room}/events", headers) for _ in range(4)]
     poster = bench.Poster([port], bench.access_token(TEST_KEY, "poster"), 1000, 6, room)
 

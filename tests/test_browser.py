@@ -1,21 +1,12 @@
 """Step 4's page in a real headless Chromium, against a live server on a free loopback port."""
 
-from pathlib import Path
-
 import pytest
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 import stream_server_sse as server
-from helpers import WAIT
+from helpers import save_screenshot, wait_in_page
 
 pytestmark = pytest.mark.step(server)
-
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-def wait_for(browser, condition, what: str):
-    return WebDriverWait(browser, WAIT, poll_frequency=0.02).until(
-        lambda _: condition(), message=f"the page never showed {what}"
-    )
 
 
 def fill(browser, **fields: str) -> None:
@@ -45,11 +36,11 @@ def test_feed_events_appear_one_by_one_while_the_stream_runs(page, gated):
     page.find_element(By.ID, "feed-start").click()
     for shown in (1, 2):
         # The server is paused before the next event: the page shows what came so far.
-        wait_for(page, lambda shown=shown: len(feed_ids(page)) == shown, f"{shown} events")
+        wait_in_page(page, lambda shown=shown: len(feed_ids(page)) == shown, f"{shown} events")
         assert feed_ids(page) == [str(n) for n in range(1, shown + 1)]
         assert text_of(page, "feed-status") == "streaming"
         gated.let_one_through()
-    wait_for(page, lambda: text_of(page, "feed-status") == "ended: 3 events", "the end")
+    wait_in_page(page, lambda: text_of(page, "feed-status") == "ended: 3 events", "the end")
     assert feed_ids(page) == ["1", "2", "3"]
 
 
@@ -58,7 +49,7 @@ def test_feed_resumes_after_the_server_drops_the_connection(page, drop_connectio
     monkeypatch.setattr(server, "RETRY_MS", 100)
     fill(page, feed_count="5", feed_interval="1")
     page.find_element(By.ID, "feed-start").click()
-    wait_for(page, lambda: text_of(page, "feed-status").startswith("ended"), "the end")
+    wait_in_page(page, lambda: text_of(page, "feed-status").startswith("ended"), "the end")
     assert feed_ids(page) == ["1", "2", "3", "4", "5"]  # each once: no gap, no duplicate
     notes = [note.text for note in page.find_elements(By.CSS_SELECTOR, "#feed-list li.note")]
     assert notes == [
@@ -69,12 +60,14 @@ def test_feed_resumes_after_the_server_drops_the_connection(page, drop_connectio
 
 def test_tokens_appear_word_by_word_through_fetch(page, gated):
     page.find_element(By.ID, "tokens-start").click()
-    wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent", "the first word")
+    wait_in_page(page, lambda: text_of(page, "tokens-text") == "Server-Sent", "the first word")
     assert text_of(page, "tokens-status") == "streaming: 1 token"
     gated.let_one_through()
-    wait_for(page, lambda: text_of(page, "tokens-text") == "Server-Sent Events", "the second word")
+    wait_in_page(
+        page, lambda: text_of(page, "tokens-text") == "Server-Sent Events", "the second word"
+    )
     gated.open()
-    wait_for(page, lambda: text_of(page, "tokens-status").startswith("done"), "the end")
+    wait_in_page(page, lambda: text_of(page, "tokens-status").startswith("done"), "the end")
     assert text_of(page, "tokens-text") == "".join(server.WORDS).strip()
 
 
@@ -84,8 +77,7 @@ def test_screenshot_of_the_page(page, drop_connection, monkeypatch):
     monkeypatch.setattr(server, "RETRY_MS", 300)
     fill(page, feed_count="8", feed_interval="0.2", tokens_interval="0.03")
     page.find_element(By.ID, "feed-start").click()
-    wait_for(page, lambda: text_of(page, "feed-status").startswith("ended"), "the feed's end")
+    wait_in_page(page, lambda: text_of(page, "feed-status").startswith("ended"), "the feed's end")
     page.find_element(By.ID, "tokens-start").click()
-    wait_for(page, lambda: text_of(page, "tokens-status").startswith("done"), "the text's end")
-    ARTIFACTS.mkdir(exist_ok=True)
-    assert page.save_screenshot(str(ARTIFACTS / "sse_page.png"))
+    wait_in_page(page, lambda: text_of(page, "tokens-status").startswith("done"), "the text's end")
+    assert save_screenshot(page, "sse_page.png")

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 
 import pytest
 import requests
@@ -19,7 +19,17 @@ import stream_server
 import stream_server_multiuser
 import stream_server_sse
 import stream_server_websocket
-from helpers import TEST_KEY, WAIT, free_port, next_of_type, port_of, receive, send, wait_until
+from helpers import (
+    TEST_KEY,
+    WAIT,
+    free_port,
+    next_of_type,
+    open_ws,
+    port_of,
+    receive,
+    send,
+    wait_until,
+)
 from stream_client_sse import Event
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="nginx and gunicorn: Linux, macOS")
@@ -118,12 +128,8 @@ def test_a_websocket_session_works_through_nginx(websocket_proxy):
         f"{websocket_proxy.url}/generate_token", json={"user_id": "Alice"}, timeout=WAIT
     )
     assert minted.status_code == 200, minted.text
-    ws = websocket.create_connection(
-        f"ws://127.0.0.1:{websocket_proxy.port}/ws?count=1000&interval=0.05",
-        header=[f"Authorization: Bearer {minted.json()['access_token']}"],
-        timeout=WAIT,
-    )
-    try:
+    token = minted.json()["access_token"]
+    with closing(open_ws(websocket_proxy.url, "count=1000&interval=0.05", token)) as ws:
         assert receive(ws) == {"type": "chunk", "number": 1, "text": "chunk 1 of 1000 for Alice"}
         send(ws, command="pause")
         assert next_of_type(ws, "ack")["paused"] is True
@@ -143,8 +149,6 @@ def test_a_websocket_session_works_through_nginx(websocket_proxy):
         send(ws, command="stop")
         assert next_of_type(ws, "ack")["stopped"] is True
         assert receive(ws)["type"] == "end"
-    finally:
-        ws.close()
 
 
 def test_a_websocket_without_a_token_gets_the_apps_401(websocket_proxy):

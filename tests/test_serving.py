@@ -27,7 +27,7 @@ import stream_server_multiuser as multiuser
 import stream_server_multiuser_refresh as refresh
 import stream_server_multiuser_resume as resume
 import stream_server_multiuser_secure as secure
-from helpers import ROOT, TEST_KEY, WAIT, bearer, https_step, token_for, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, https_step, port_of, token_for, wait_until
 from services import Gunicorn
 
 STEPS = {  # module: stream path, where {user} names the user (step 3 reads it from the token)
@@ -145,14 +145,11 @@ def test_a_missing_or_short_key_stops_gunicorn_once(key):
     assert "Traceback" not in output
 
 
-def test_an_app_found_through_pythonpath_starts():
+def test_an_app_found_through_pythonpath_starts(gunicorn):
     # The key check in gunicorn.conf.py imports the app in a separate interpreter: it must
     # look where gunicorn looks, --pythonpath included (the benchmark serves bench/wsgi_app).
-    server = Gunicorn("wsgi_app", "gevent", extra=["--pythonpath", "bench"])
-    try:
-        assert requests.get(f"{server.url}/stream/Al?count=1", timeout=WAIT).status_code == 200
-    finally:
-        server.stop()
+    server = gunicorn("wsgi_app", "gevent", extra=["--pythonpath", "bench"])
+    assert requests.get(f"{server.url}/stream/Al?count=1", timeout=WAIT).status_code == 200
 
 
 def stream_status(base_url: str, headers: dict | None = None) -> dict:
@@ -182,19 +179,16 @@ def started_and_ended(status: dict) -> bool:
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_gunicorn_ends_a_stream_whose_client_stops_reading(worker_class, monkeypatch):
+def test_gunicorn_ends_a_stream_whose_client_stops_reading(worker_class, monkeypatch, gunicorn):
     monkeypatch.setenv("WRITE_TIMEOUT", "0.5")  # gunicorn.conf.py reads it; 90 s by default
-    server = Gunicorn("stream_server_multiuser", worker_class)
-    try:
-        with stalled_client(server.url, "/stream/Staller?count=1000000&interval=0"):
-            # Ended while its client is still connected: a write timed out. Before, the
-            # stream stayed active for as long as the client did.
-            wait_until(lambda: started_and_ended(stream_status(server.url)))
-            server.wait_for_line(r"Staller disconnected after \d+ of 1000000 chunks")
-            server.wait_for_line(r"closed a connection whose client accepted no data for 0\.5 s")
-        assert "Traceback" not in "".join(server.log)
-    finally:
-        server.stop()
+    server = gunicorn("stream_server_multiuser", worker_class)
+    with stalled_client(server.url, "/stream/Staller?count=1000000&interval=0"):
+        # Ended while its client is still connected: a write timed out. Before, the
+        # stream stayed active for as long as the client did.
+        wait_until(lambda: started_and_ended(stream_status(server.url)))
+        server.wait_for_line(r"Staller disconnected after \d+ of 1000000 chunks")
+        server.wait_for_line(r"closed a connection whose client accepted no data for 0\.5 s")
+    assert "Traceback" not in "".join(server.log)
 
 
 def read_as_fast_as_they_come(socks: list, flowing: list, stop: threading.Event) -> None:
@@ -216,11 +210,11 @@ def read_as_fast_as_they_come(socks: list, flowing: list, stop: threading.Event)
 
 
 @pytest.mark.parametrize("module", list(STEPS))
-def test_under_gevent_streams_at_interval_0_let_other_clients_in(module):
+def test_under_gevent_streams_at_interval_0_let_other_clients_in(module, gunicorn):
     # Four streams that never pause, each read as fast as it comes, so that their writes
     # never wait either. Before, the first of them kept the worker to itself: the others
     # did not begin, and no other client was answered, until it ended.
-    server = Gunicorn(module, "gevent")
+    server = gunicorn(module, "gevent")
     fast, flowing, stop = [], [threading.Event() for _ in range(4)], threading.Event()
     reader = threading.Thread(target=read_as_fast_as_they_come, args=(fast, flowing, stop))
     try:
@@ -242,58 +236,51 @@ def test_under_gevent_streams_at_interval_0_let_other_clients_in(module):
             reader.join()
         for sock in fast:
             sock.close()
-        server.stop()
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_class):
-    server = Gunicorn("stream_server_multiuser", worker_class)
-    try:
-        worker_pid = int(server.wait_for_line(r"Booting worker with pid: (\d+)").group(1))
-        sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
-        with sock, wire:
-            show_chunks.read_head(wire)
-            next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
-            # Ctrl-C: the terminal sends SIGINT to its whole foreground process group.
-            for pid in (server.process.pid, worker_pid):
-                os.kill(pid, signal.SIGINT)
-            server.process.wait(WAIT)
-        server.wait_for_line(r"Shutting down: Master")
-        output = "".join(server.log)
-        # Before: gthread waited for the stream until the master killed the worker ("was
-        # sent SIGKILL! Perhaps out of memory?"); gevent printed a SystemExit traceback.
-        assert "SIGKILL" not in output
-        assert "Traceback" not in output
-        assert "open streams are cut" in output
-    finally:
-        server.stop()
+def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_class, gunicorn):
+    server = gunicorn("stream_server_multiuser", worker_class)
+    worker_pid = int(server.wait_for_line(r"Booting worker with pid: (\d+)").group(1))
+    sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
+    with sock, wire:
+        show_chunks.read_head(wire)
+        next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
+        # Ctrl-C: the terminal sends SIGINT to its whole foreground process group.
+        for pid in (server.process.pid, worker_pid):
+            os.kill(pid, signal.SIGINT)
+        server.process.wait(WAIT)
+    server.wait_for_line(r"Shutting down: Master")
+    output = "".join(server.log)
+    # Before: gthread waited for the stream until the master killed the worker ("was
+    # sent SIGKILL! Perhaps out of memory?"); gevent printed a SystemExit traceback.
+    assert "SIGKILL" not in output
+    assert "Traceback" not in output
+    assert "open streams are cut" in output
 
 
-def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines():
-    server = Gunicorn("stream_server", "gthread")
-    try:
-        forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
-        forged += "1.2.3.4 \x1b[2J"  # a new line, and an escape sequence: clear the screen
-        credentials = base64.b64encode(f"{forged}:password".encode()).decode()
-        # And control characters above 127 (Latin-1's NEL and CSI), which gunicorn lets
-        # through in header values, in the two headers of its default format.
-        headers = {
-            "Authorization": f"Basic {credentials}",
-            "User-Agent": "a\x9b2J",
-            "Referer": "b\x85",
-        }
-        response = requests.get(f"{server.url}/?crafted", headers=headers, timeout=WAIT)
-        assert response.status_code == 200, response.text
-        line = server.wait_for_line(r'"GET /\?crafted HTTP/1\.1"').string
-        # gunicorn's prefix, then the Common Log Format: all of it on this one line.
-        prefix = r"\[[^]]+\] \[\d+\] \[INFO\] "
-        access = prefix + r'127\.0\.0\.1 - - \[[^]]+\] "GET /\?crafted HTTP/1\.1" 200 \d+\n'
-        assert re.fullmatch(access, line), line
-        log = "".join(server.log)
-        assert "Mallory" not in log
-        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", log), repr(log)
-    finally:
-        server.stop()
+def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines(gunicorn):
+    server = gunicorn("stream_server", "gthread")
+    forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
+    forged += "1.2.3.4 \x1b[2J"  # a new line, and an escape sequence: clear the screen
+    credentials = base64.b64encode(f"{forged}:password".encode()).decode()
+    # And control characters above 127 (Latin-1's NEL and CSI), which gunicorn lets
+    # through in header values, in the two headers of its default format.
+    headers = {
+        "Authorization": f"Basic {credentials}",
+        "User-Agent": "a\x9b2J",
+        "Referer": "b\x85",
+    }
+    response = requests.get(f"{server.url}/?crafted", headers=headers, timeout=WAIT)
+    assert response.status_code == 200, response.text
+    line = server.wait_for_line(r'"GET /\?crafted HTTP/1\.1"').string
+    # gunicorn's prefix, then the Common Log Format: all of it on this one line.
+    prefix = r"\[[^]]+\] \[\d+\] \[INFO\] "
+    access = prefix + r'127\.0\.0\.1 - - \[[^]]+\] "GET /\?crafted HTTP/1\.1" 200 \d+\n'
+    assert re.fullmatch(access, line), line
+    log = "".join(server.log)
+    assert "Mallory" not in log
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", log), repr(log)
 
 
 # Werkzeug's dev server, as each step's __main__ starts it
@@ -362,7 +349,7 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
 @pytest.mark.parametrize("module", list(TLS_STEPS))
 def test_an_idle_connection_does_not_hold_up_https(module, tls):
     with https_step(f"{module}.py", tls) as url:
-        port = urlsplit(url).port
+        port = port_of(url)
         # Connected, and silent: no TLS handshake. Before, the server waited for it in the
         # one thread that accepts every connection, and served no one else meanwhile.
         with socket.create_connection(("127.0.0.1", port)):
@@ -383,7 +370,7 @@ def test_an_idle_connection_does_not_hold_up_https(module, tls):
 def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monkeypatch):
     monkeypatch.setattr(step.RequestHandler, "timeout", 0.2)  # REQUEST_TIMEOUT, 5 s in the step
     url = dev_server(step, tls)
-    with socket.create_connection(("127.0.0.1", urlsplit(url).port), timeout=WAIT) as idle:
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=WAIT) as idle:
         # The server closes the connection (b""); before, recv() waited on for WAIT seconds.
         assert idle.recv(1) == b""
     minted = requests.post(

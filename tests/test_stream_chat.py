@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from types import SimpleNamespace
@@ -22,7 +23,6 @@ import pytest
 import redis
 import requests
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 import show_chunks
 import stream_client_chat as chat_client
@@ -35,7 +35,9 @@ from helpers import (
     free_port,
     only_help,
     port_of,
+    save_screenshot,
     token_for,
+    wait_in_page,
     wait_until,
 )
 from services import Gunicorn
@@ -651,7 +653,7 @@ def test_client_waits_longer_after_each_503(chat, base, room, monkeypatch, capsy
 
 
 @only_in_process
-def test_client_reports_bad_input_and_a_missing_server(base, capsys):
+def test_client_reports_bad_input_and_a_missing_server(base, capsys, monkeypatch):
     assert chat_client.main(["--url", base, "--room", "bad room", "--say", "hi"]) == 1
     assert capsys.readouterr().err.startswith("error: server answered 400: room must be")
     url = f"http://127.0.0.1:{free_port()}"
@@ -660,12 +662,8 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
         f"error: cannot connect to {url}: is the server running? "
         "Start it with: python stream_server_chat.py\n"
     )
-    monkeypatch_stdin = io.StringIO("")
-    sys_stdin, sys.stdin = sys.stdin, monkeypatch_stdin
-    try:
-        assert chat_client.main(["--url", url]) == 1
-    finally:
-        sys.stdin = sys_stdin
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert chat_client.main(["--url", url]) == 1
     assert capsys.readouterr().err.splitlines(keepends=True)[-1] == (
         f"error: cannot connect to {url}/rooms/lobby/events: is the server running? "
         "Start it with: python stream_server_chat.py\n"
@@ -675,11 +673,14 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys):
 # Two gunicorn -k gevent instances sharing one real Redis: what no single process can show
 
 
-def start_instance(redis_url: str, presence_ttl: int = 2) -> Gunicorn:
+def start_instance(
+    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn
+) -> Gunicorn:
     """`gunicorn -k gevent` running the chat step in one worker, with REDIS_URL, and a short
-    bound for presence, so that a dead instance drops out within the test."""
+    bound for presence, so that a dead instance drops out within the test. `start` is
+    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends."""
     env = {"REDIS_URL": redis_url, "CHAT_PRESENCE_TTL": str(presence_ttl)}
-    return Gunicorn("stream_server_chat", "gevent", env=env)
+    return start("stream_server_chat", "gevent", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -746,23 +747,20 @@ def test_an_id_older_than_the_history_gets_a_reset_on_any_instance(
 
 
 def test_presence_counts_every_instance_and_forgets_a_dead_one(
-    instances, redis_server, room, follow
+    instances, redis_server, room, follow, gunicorn
 ):
-    a, doomed = instances[0], start_instance(redis_server.url, presence_ttl=1)
-    try:
-        for _ in range(2):
-            follow(a, room, "Alice")
-        follow(doomed.url, room, "Bob")
-        for url in (a, doomed.url):
-            wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
-        doomed.kill()
-        killed = time.monotonic()
-        wait_until(lambda: presence(a, room) == {"Alice": 2})
-        # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
-        # for a busy machine.
-        assert time.monotonic() - killed < 1 + 3
-    finally:
-        doomed.stop()
+    a, doomed = instances[0], start_instance(redis_server.url, presence_ttl=1, start=gunicorn)
+    for _ in range(2):
+        follow(a, room, "Alice")
+    follow(doomed.url, room, "Bob")
+    for url in (a, doomed.url):
+        wait_until(lambda url=url: presence(url, room) == {"Alice": 2, "Bob": 1})
+    doomed.kill()
+    killed = time.monotonic()
+    wait_until(lambda: presence(a, room) == {"Alice": 2})
+    # Within the bound (CHAT_PRESENCE_TTL: 1 s here, 30 s by default), with a margin
+    # for a busy machine.
+    assert time.monotonic() - killed < 1 + 3
 
 
 def test_redis_down_and_back_on_both_instances(instances, room, follow, redis_server):
@@ -808,9 +806,9 @@ def test_through_nginx_each_message_arrives_as_it_is_posted(
 
 
 def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
-    redis_server, nginx, room
+    redis_server, nginx, room, gunicorn
 ):
-    both = [start_instance(redis_server.url) for _ in range(2)]
+    both = [start_instance(redis_server.url, start=gunicorn) for _ in range(2)]
     walker = reader = None
     try:
         proxy = nginx(*(port_of(instance.url) for instance in both))
@@ -850,8 +848,6 @@ def test_through_nginx_a_client_whose_instance_dies_resumes_on_the_other(
         if walker:
             walker.stdin.close()
             walker.stdout.close()
-        for instance in both:
-            instance.stop()
 
 
 # The page in headless Chromium
@@ -872,12 +868,6 @@ def page_says(page, text: str) -> None:
     box = page.find_element(By.ID, "say-text")
     box.send_keys(text)
     page.find_element(By.ID, "say").click()
-
-
-def wait_in_page(page, condition, what: str):
-    return WebDriverWait(page, WAIT, poll_frequency=0.02).until(
-        lambda _: condition(), message=f"the page never showed {what}"
-    )
 
 
 def joined(page, url: str, room: str, user: str) -> None:
@@ -937,9 +927,7 @@ def test_screenshot_of_the_page(chat, base, browser, follow, monkeypatch):
     wait_in_page(browser, lambda: len(shown(browser)) == 4, "the last message")
     here = browser.find_element(By.ID, "presence")
     wait_in_page(browser, lambda: here.text == "here: Alice, Bob", "who is here")
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(artifacts / "chat_page.png"))
+    assert save_screenshot(browser, "chat_page.png")
 
 
 def test_help_prints_only_the_help():

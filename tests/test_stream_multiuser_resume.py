@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import jwt
@@ -21,7 +20,7 @@ import stream_server_multiuser_refresh as refresh_server
 import stream_server_multiuser_resume as server
 import stream_server_multiuser_secure as secure_server
 import tokens
-from helpers import ROOT, TEST_KEY, WAIT, bearer, free_port, only_help, wait_until
+from helpers import ROOT, TEST_KEY, WAIT, bearer, free_port, only_help, run_step, stop_step
 
 pytestmark = pytest.mark.step(server)
 
@@ -177,24 +176,9 @@ def test_the_client_gives_up_when_the_refresh_is_refused(serve, clock, monkeypat
     assert capsys.readouterr().err == "error: server answered 401: the token has expired\n"
 
 
-def run_server(log: Path, port: int) -> subprocess.Popen:
-    """The step 7 script on `port`, its log in a file; back once it listens."""
-    command = [sys.executable, "stream_server_multiuser_resume.py", "--port", str(port)]
-    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
-    with log.open("a") as output:  # the child keeps its own copy of the file
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)
-    wait_until(lambda: f"Running on http://127.0.0.1:{port}" in log.read_text())
-    return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(WAIT)
-
-
 def test_the_client_resumes_with_no_gap_across_a_restart_of_the_server(tmp_path):
-    port, log = free_port(), tmp_path / "server.log"
-    process = run_server(log, port)
+    script, port, log = "stream_server_multiuser_resume.py", free_port(), tmp_path / "server.log"
+    process = run_step(script, log, port)
     command = [sys.executable, "-u", "stream_client_multiuser_resume.py"]
     # A minute between lines: the server is stopped while it waits for line 2, whatever the
     # machine's speed; the restarted server sends line 2 at once, as the first of its stream.
@@ -205,14 +189,14 @@ def test_the_client_resumes_with_no_gap_across_a_restart_of_the_server(tmp_path)
         for line in client.stdout:
             output.append(line)
             if "chunk 1 of 2" in line:
-                stop(process)  # mid-stream: line 2 is due in a minute
+                stop_step(process)  # mid-stream: line 2 is due in a minute
             if line.startswith("("):  # the client noticed
                 break
-        process = run_server(log, port)  # the same port, the same key
+        process = run_step(script, log, port)  # the same port, the same key
         output += client.stdout
         assert client.wait(WAIT) == 0, "".join(output)
     finally:
-        stop(process)
+        stop_step(process)
         client.kill()
         client.wait()
         client.stdout.close()

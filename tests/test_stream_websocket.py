@@ -8,7 +8,7 @@ import struct
 import subprocess
 import sys
 import threading
-from contextlib import suppress
+from contextlib import closing, suppress
 
 import flask_sock
 import jwt
@@ -22,25 +22,21 @@ import stream_server as step_1_server
 import stream_server_multiuser_secure as step_3_server
 import stream_server_websocket as server
 from helpers import (
+    HANDSHAKE,
     ROOT,
     TEST_KEY,
     WAIT,
+    bearer,
     free_port,
     https_step,
     next_of_type,
     only_help,
+    open_ws,
     receive,
     send,
     token_for,
     wait_until,
 )
-
-HANDSHAKE = {
-    "Connection": "Upgrade",
-    "Upgrade": "websocket",
-    "Sec-WebSocket-Version": "13",
-    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -69,19 +65,9 @@ def server_sockets(monkeypatch) -> list:
     return made
 
 
-def open_ws(base_url: str, query: str = "count=1000&interval=0.05", token: str | None = None):
-    url = f"{base_url.replace('http', 'ws')}/ws?{query}"
-    return websocket.create_connection(
-        url, header=[f"Authorization: Bearer {token or token_for()}"], timeout=WAIT
-    )
-
-
 def test_a_stream_of_chunks_then_the_end(base_url):
-    ws = open_ws(base_url, "count=3&interval=0")
-    try:
+    with closing(open_ws(base_url, "count=3&interval=0")) as ws:
         messages = [receive(ws) for _ in range(4)]
-    finally:
-        ws.close()
     assert messages == [
         {"type": "chunk", "number": 1, "text": "chunk 1 of 3 for Alice"},
         {"type": "chunk", "number": 2, "text": "chunk 2 of 3 for Alice"},
@@ -91,8 +77,7 @@ def test_a_stream_of_chunks_then_the_end(base_url):
 
 
 def test_pause_holds_the_stream_and_resume_goes_on_where_it_was(base_url):
-    ws = open_ws(base_url)
-    try:
+    with closing(open_ws(base_url)) as ws:
         last = receive(ws)["number"]
         send(ws, command="pause")
         while (message := receive(ws))["type"] == "chunk":
@@ -120,13 +105,10 @@ def test_pause_holds_the_stream_and_resume_goes_on_where_it_was(base_url):
             "number": last + 1,
             "text": f"chunk {last + 1} of 1000 for Alice",
         }
-    finally:
-        ws.close()
 
 
 def test_stop_ends_the_stream_early(base_url):
-    ws = open_ws(base_url)
-    try:
+    with closing(open_ws(base_url)) as ws:
         receive(ws)
         send(ws, command="stop")
         ack = next_of_type(ws, "ack")
@@ -134,8 +116,6 @@ def test_stop_ends_the_stream_early(base_url):
         end = receive(ws)
         assert end["type"] == "end"
         assert 1 <= end["sent"] < 1000
-    finally:
-        ws.close()
 
 
 @pytest.mark.parametrize(
@@ -154,14 +134,11 @@ def test_stop_ends_the_stream_early(base_url):
     ],
 )
 def test_bad_messages_get_an_error_and_the_connection_stays(base_url, message, error):
-    ws = open_ws(base_url)
-    try:
+    with closing(open_ws(base_url)) as ws:
         ws.send(message)
         assert next_of_type(ws, "error") == {"type": "error", "error": error}
         send(ws, command="stop")  # still connected, still obeying
         assert next_of_type(ws, "ack")["stopped"] is True
-    finally:
-        ws.close()
 
 
 @pytest.mark.parametrize(
@@ -211,18 +188,15 @@ def test_a_client_that_vanishes_frees_its_stream(base_url, caplog, paused):
 
 def test_status_counts_the_websocket_streams_open_now(base_url):
     def status() -> dict:
-        headers = {"Authorization": f"Bearer {token_for()}"}
+        headers = bearer(token_for())
         response = requests.get(f"{base_url}/status", headers=headers, timeout=WAIT)
         assert response.status_code == 200, response.text
         return response.json()
 
     # Other tests' streams may still be ending in this process: only Watcher's are looked at.
-    ws = open_ws(base_url, "count=1000&interval=0.05", token_for("Watcher"))
-    try:
+    with closing(open_ws(base_url, "count=1000&interval=0.05", token_for("Watcher"))) as ws:
         receive(ws)  # counted from before its first chunk
         assert status()["active"].get("Watcher") == 1
-    finally:
-        ws.close()
     wait_until(lambda: "Watcher" not in status()["active"])
 
 
@@ -265,7 +239,7 @@ def test_a_client_that_resets_the_connection_is_logged_as_a_disconnect(
     ],
 )
 def test_a_bad_handshake_with_a_valid_token_gets_a_clear_4xx(base_url, change, status, error):
-    headers = {**HANDSHAKE, **change, "Authorization": f"Bearer {token_for()}"}
+    headers = {**HANDSHAKE, **change, **bearer(token_for())}
     headers = {name: value for name, value in headers.items() if value is not None}
     response = requests.get(f"{base_url}/ws", headers=headers, timeout=WAIT)
     assert response.status_code == status, response.text
