@@ -3,6 +3,7 @@ lines as they are, every diff marked `<!-- diff: BASE STEP -->` holds lines of t
 relative link and anchor leads somewhere, every `python script.py --flag` a page asks for is a
 script that takes that flag, and every screenshot in docs/ is one that a test makes."""
 
+import importlib
 import re
 import shlex
 import subprocess
@@ -11,7 +12,7 @@ from functools import cache
 
 import pytest
 
-from helpers import ROOT, WAIT
+from helpers import ROOT, TEST_KEY, WAIT
 
 # The README, one page per step, and the serving, benchmark and tests pages.
 PAGES = sorted(
@@ -174,6 +175,56 @@ def test_each_command_names_a_script_that_takes_its_flags(page, script, argument
         assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", usage(script), re.MULTILINE), (
             f"{page}: python {script} takes no {flag}"
         )
+
+
+# What curl shows: a `$ curl -sN "http://127.0.0.1:5000/...?count=N..."` in a console block (a
+# stream that ends), with no variable but a token and no pipe, is asked of the page's server (its first
+# `python stream_server*.py`), its pauses skipped, and must answer the lines shown under it.
+# The token is one that the server mints for the user of the page's last --json before it.
+
+CURL = re.compile(
+    r'^\$ curl -sN((?: -H "(?:[^"$]+|Authorization: Bearer \$\w+)")*) '
+    r'"?http://127\.0\.0\.1:5000(/[^"\s$|]*)"?$'
+)
+
+
+def transcripts() -> list:
+    found = []
+    for page in PAGES:
+        server = re.search(r"python (stream_server\w*)\.py", (ROOT / page).read_text())
+        for line, language, body, _ in blocks(page):
+            for number, text in enumerate(body if language == "console" else []):
+                if (match := CURL.match(text)) and "count=" in match.group(2):
+                    shown = []
+                    for answer in body[number + 1 :]:
+                        if answer.startswith("$ "):
+                            break
+                        shown.append(answer)
+                    headers = dict(h.split(": ", 1) for h in re.findall(r'-H "([^"]+)"', text))
+                    before = "\n".join(body[:number])
+                    user = (re.findall(r'"user_id": "(\w+)"', before) or ["User1"])[-1]
+                    found.append(
+                        pytest.param(
+                            server.group(1), match.group(2), headers, user, shown,
+                            id=f"{page}:{line}",
+                        )
+                    )
+    return found
+
+
+@pytest.mark.parametrize(("module", "path", "headers", "user", "shown"), transcripts())
+def test_each_curl_transcript_is_what_the_server_answers(
+    module, path, headers, user, shown, monkeypatch
+):
+    step = importlib.import_module(module)
+    monkeypatch.setattr(step, "sleep", lambda seconds: None)
+    monkeypatch.setitem(step.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    client = step.app.test_client()
+    if headers.get("Authorization", "").startswith("Bearer $"):
+        minted = client.post("/generate_token", json={"user_id": user}).get_json()
+        headers["Authorization"] = f"Bearer {minted['access_token']}"
+    answer = client.get(path, headers=headers).get_data(as_text=True)
+    assert answer.rstrip("\n").split("\n") == "\n".join(shown).rstrip("\n").split("\n")
 
 
 # Screenshots: docs/ shows what the tests see.
