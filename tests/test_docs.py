@@ -177,10 +177,10 @@ def test_each_command_names_a_script_that_takes_its_flags(page, script, argument
         )
 
 
-# What curl shows: a `$ curl -sN "http://127.0.0.1:5000/...?count=N..."` in a console block (a
-# stream that ends), with no variable but a token and no pipe, is asked of the page's server (its first
-# `python stream_server*.py`), its pauses skipped, and must answer the lines shown under it.
-# The token is one that the server mints for the user of the page's last --json before it.
+# What curl shows: a `$ curl -sN "http://127.0.0.1:5000/...?count=N..."` in a console block
+# (a stream that ends), with no pipe and no variable but a token, is asked of the page's server
+# (its first `python stream_server*.py`), its pauses skipped, and must answer the lines shown
+# under it. The token is one the server mints for the user of the last --json before it.
 
 CURL = re.compile(
     r'^\$ curl -sN((?: -H "(?:[^"$]+|Authorization: Bearer \$\w+)")*) '
