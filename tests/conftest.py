@@ -3,8 +3,6 @@ server's sleep() (a gate, a recorder, a dropped connection), a throwaway CA, and
 programs the tests start: redis-server, nginx, gunicorn and headless Chromium."""
 
 import itertools
-import os
-import shutil
 import ssl
 import tempfile
 import threading
@@ -20,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from werkzeug.serving import make_server
 
 from helpers import WAIT
-from services import Gunicorn, Nginx, RedisServer
+from services import CHROMEDRIVER, CHROMIUM, Gunicorn, Nginx, RedisServer, require
 
 
 @pytest.fixture
@@ -207,8 +205,6 @@ def gunicorn() -> Iterator[Callable[..., Gunicorn]]:
         server.stop()  # does nothing to a server the test has stopped already
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # Debian's chromium, started the way that works on a machine with no network and no screen.
 FLAGS = [
     "--headless=new",
@@ -227,11 +223,8 @@ FLAGS = [
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
     """Debian's headless Chromium, driven by selenium (.ci/run installs it when missing)."""
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "needs Debian's chromium and chromium-driver (apt-get install them)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI {message}; .ci/run installs them")
-        pytest.skip(message)
+    require(bool(CHROMIUM), "chromium", "chromium")
+    require(bool(CHROMEDRIVER), "chromedriver", "chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     with tempfile.TemporaryDirectory() as profile:

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,10 +77,14 @@ def wait_in_page(page, condition: Callable[[], bool], what: str):
 
 
 def save_screenshot(page, name: str) -> bool:
-    """Save what the page shows as test-artifacts/<name>, for people to look at."""
+    """Save what the page shows as test-artifacts/<name>, for people to look at; with
+    UPDATE_SCREENSHOTS=1, as docs/<name> too, the picture that the step's page shows."""
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    return page.save_screenshot(str(artifacts / name))
+    saved = page.save_screenshot(str(artifacts / name))
+    if saved and os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(artifacts / name, ROOT / "docs" / name)
+    return saved
 
 
 def port_of(url: str) -> int:

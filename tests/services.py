@@ -1,6 +1,7 @@
 """Real servers that the tests start themselves, each on a free loopback port with throwaway
 settings and stopped by its own PID: redis-server and nginx (Debian's packages), and gunicorn
-serving a step's app."""
+serving a step's app. A program that is not installed skips the tests that need it, or fails
+them under CI (require())."""
 
 import os
 import pwd
@@ -17,9 +18,41 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import redis
 
 from helpers import ROOT, TEST_KEY, WAIT, free_port, port_of, wait_until
+
+
+def installed(program: str) -> str | None:
+    """Where `program` is: on PATH, or in the sbin beside a bin on PATH (Debian puts nginx in
+    /usr/sbin, outside an ordinary user's PATH)."""
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    folders += [str(Path(f).parent / "sbin") for f in folders if Path(f).name == "bin"]
+    return shutil.which(program, path=os.pathsep.join(folders))
+
+
+# The programs the tests take from the system's packages; None when missing.
+REDIS_SERVER = installed("redis-server")
+NGINX = installed("nginx")
+CHROMIUM = installed("chromium")
+CHROMEDRIVER = installed("chromedriver")
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (CI=true, as GitHub Actions and .ci/run set it)."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def require(found: bool, what: str, package: str) -> None:
+    """Skip the test when a program is missing, in one line naming its Debian package; under
+    CI, where .ci/run installs them all, fail it instead, since a skip there would hide it."""
+    if found:
+        return
+    message = f"needs {what}: apt-get install {package}"
+    if in_ci():
+        pytest.fail(f"CI=true and {message} (.ci/run installs it)", pytrace=False)
+    pytest.skip(message)
 
 
 class RedisServer:
@@ -27,8 +60,7 @@ class RedisServer:
     start() again keep its port, so a test can take Redis away and bring it back."""
 
     def __init__(self) -> None:
-        if not shutil.which("redis-server"):
-            raise RuntimeError("redis-server is not installed: apt-get install redis-server")
+        require(bool(REDIS_SERVER), "redis-server", "redis-server")
         self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -38,7 +70,7 @@ class RedisServer:
     def start(self) -> None:
         if self.process is not None:  # running already
             return
-        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
+        command = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.port)]
         # No RDB snapshots and no append-only file: nothing is written, nothing outlives the test.
         command += ["--save", "", "--appendonly", "no", "--dir", self.folder]
         command += ["--protected-mode", "no", "--loglevel", "warning"]
@@ -155,9 +187,8 @@ class Nginx:
         settings: dict[str, str] | None = None,
         run_as: str | None = None,
     ) -> None:
-        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not os.access(self.binary, os.X_OK):
-            raise RuntimeError("nginx is not installed: apt-get install nginx-light")
+        require(bool(NGINX), "nginx", "nginx-light")
+        self.binary = NGINX
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = Path(tempfile.mkdtemp(prefix="nginx-"))

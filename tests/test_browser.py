@@ -1,5 +1,7 @@
 """Step 4's page in a real headless Chromium, against a live server on a free loopback port."""
 
+import itertools
+
 import pytest
 from selenium.webdriver.common.by import By
 
@@ -71,13 +73,22 @@ def test_tokens_appear_word_by_word_through_fetch(page, gated):
     assert text_of(page, "tokens-text") == "".join(server.WORDS).strip()
 
 
-def test_screenshot_of_the_page(page, drop_connection, monkeypatch):
-    """For people to look at (test-artifacts/sse_page.png): real pauses, one dropped connection."""
-    drop_connection(at_pause=3, real_sleep=True)
-    monkeypatch.setattr(server, "RETRY_MS", 300)
-    fill(page, feed_count="8", feed_interval="0.2", tokens_interval="0.03")
+def test_screenshot_of_the_page(page, monkeypatch):
+    """For people to look at (test-artifacts/sse_page.png, and docs/sse_page.png with
+    UPDATE_SCREENSHOTS=1): the page's own settings, real pauses, the feed's connection dropped
+    once, after event 3, while the text streams beside it."""
+    real_sleep, feed_pauses = server.sleep, itertools.count(1)
+    interval = float(page.find_element(By.ID, "feed-interval").get_attribute("value"))
+
+    def sleep(seconds: float) -> None:
+        # The feed's pauses are its interval long, the text's shorter: only the feed drops.
+        if seconds == interval and next(feed_pauses) == 3:
+            raise ConnectionResetError("dropped by the test")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(server, "sleep", sleep)
     page.find_element(By.ID, "feed-start").click()
-    wait_in_page(page, lambda: text_of(page, "feed-status").startswith("ended"), "the feed's end")
     page.find_element(By.ID, "tokens-start").click()
     wait_in_page(page, lambda: text_of(page, "tokens-status").startswith("done"), "the text's end")
+    wait_in_page(page, lambda: text_of(page, "feed-status").startswith("ended"), "the feed's end")
     assert save_screenshot(page, "sse_page.png")

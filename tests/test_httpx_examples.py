@@ -1,4 +1,5 @@
-"""The README's httpx snippets (examples/), run as a reader runs them, against the real servers."""
+"""The httpx snippets of docs/serving.md (examples/), run as a reader runs them, against the real
+servers."""
 
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def test_httpx_sse_reads_the_events(serve):
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
-def test_the_readme_shows_each_example_as_it_is(example):
+def test_the_serving_page_shows_each_example_as_it_is(example):
     code = (ROOT / "examples" / example).read_text()
     body = code.split('"""\n\n', 2)[-1]  # the code after the module docstring
-    assert body in (ROOT / "README.md").read_text(), f"README.md does not show {example} as it is"
+    page = ROOT / "docs" / "serving.md"
+    assert body in page.read_text(), f"docs/serving.md does not show {example} as it is"
