@@ -44,9 +44,17 @@ from services import Gunicorn
 from stream_client_chat import Event, SSEParser
 
 
+# What one user may take, as the server sets it: the tests of those bounds use it.
+BOUNDS = {name: server.app.config[name] for name in ("POSTS", "NEW_ROOMS", "STREAMS")}
+# The other tests post and follow as a few users, fast, in many rooms: far within these.
+ROOMY = {"POSTS": "100000 per 1 second", "NEW_ROOMS": 100_000, "STREAMS": 1000}
+
+
 @pytest.fixture(autouse=True)
 def test_key(monkeypatch):
     monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    for name, value in ROOMY.items():
+        monkeypatch.setitem(server.app.config, name, value)
 
 
 @pytest.fixture
@@ -674,12 +682,14 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys, monkeypatch
 
 
 def start_instance(
-    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn
+    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn, **bounds
 ) -> Gunicorn:
     """`gunicorn -k gevent` running the chat step in one worker, with REDIS_URL, and a short
     bound for presence, so that a dead instance drops out within the test. `start` is
-    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends."""
+    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends. The bounds
+    on one user are ROOMY's, but for those given (POSTS="3 per 1 hour", say)."""
     env = {"REDIS_URL": redis_url, "CHAT_PRESENCE_TTL": str(presence_ttl)}
+    env |= {f"CHAT_{name}": str(value) for name, value in {**ROOMY, **bounds}.items()}
     return start("stream_server_chat", "gevent", env=env)
 
 
