@@ -43,7 +43,6 @@ from helpers import (
 from services import Gunicorn
 from stream_client_chat import Event, SSEParser
 
-
 # What one user may take, as the server sets it: the tests of those bounds use it.
 BOUNDS = {name: server.app.config[name] for name in ("POSTS", "NEW_ROOMS", "STREAMS")}
 # The other tests post and follow as a few users, fast, in many rooms: far within these.
