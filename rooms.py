@@ -33,7 +33,7 @@ from time import monotonic, sleep, time
 
 import redis
 from flask import Response
-from flask_limiter import Limiter, RequestLimit
+from flask_limiter import Limiter
 from werkzeug.exceptions import BadRequest, TooManyRequests
 
 logger = logging.getLogger(__name__)
@@ -94,18 +94,18 @@ def connect(url: str | None, config: dict) -> redis.Redis:
 
 def limit_posts(config: dict, user: Callable[[], str]) -> Callable:
     """The decorator that holds each user() to config["POSTS"] (such as "20 per 4 seconds"),
-    read at each request: past it, a 429 with Retry-After and an `error` that says so."""
+    read at each request: past it, a 429 whose Retry-After and `error` say how long to wait.
+    (Flask-Limiter's headers_enabled would send Retry-After on every answer, a 201 too.)"""
+
+    def wait() -> int:  # seconds until the oldest post counted leaves the window
+        return max(1, limiter.current_limit.reset_at - int(time()))
+
     return limiter.limit(
-        lambda: config["POSTS"], key_func=user, on_breach=retry_after,
+        lambda: config["POSTS"], key_func=user,
+        on_breach=lambda _: Response(status=429, headers={"Retry-After": str(wait())}),
         error_message=lambda: f"too many messages: at most {config['POSTS']} per user; "
-        "try again in the seconds that Retry-After says",
+        f"try again in {wait()} s",
     )
-
-
-def retry_after(limit: RequestLimit) -> Response:
-    """The 429's headers: Retry-After, seconds until the oldest post counted leaves the window.
-    (Flask-Limiter's headers_enabled would send it on every answer, a 201 too.)"""
-    return Response(status=429, headers={"Retry-After": str(max(1, limit.reset_at - int(time())))})
 
 
 def order(message_id: str) -> tuple[int, int]:
