@@ -38,14 +38,24 @@ from werkzeug.exceptions import BadRequest, TooManyRequests
 
 logger = logging.getLogger(__name__)
 
-# Posts per user, counted by Flask-Limiter (limits.py's moving window): with REDIS_URL in Redis,
-# where every process counts the same posts; without it in this process's memory, which is all
-# there is then (one process). The storage is chosen from the environment the process started
-# with; nothing connects until the first post. The server adds the limit to its route with
-# limit_posts().
+
+def counted_in(url: str | None) -> str:
+    """Flask-Limiter's storage for a REDIS_URL. (limits calls redis-py's unix:// redis+unix://.
+    A REDIS_URL that is no Redis URL fails when the server starts, in connect(), with redis-py's
+    own message, not here at import.)"""
+    if url and re.match(r"(rediss?|unix)://", url):
+        return re.sub(r"^unix://", "redis+unix://", url)
+    return "memory://"
+
+
+# Posts per user, counted by Flask-Limiter (the limits package's moving window): with
+# REDIS_URL in Redis, where every process counts the same posts; without it in this process's
+# memory, which is all there is then (one process). The storage is chosen from the environment
+# the process started with; nothing connects until the first post. The server adds the limit
+# to its route with limit_posts().
 limiter = Limiter(
     key_func=lambda: "",  # each limit names its own key: the user
-    storage_uri=os.environ.get("REDIS_URL") or "memory://",
+    storage_uri=counted_in(os.environ.get("REDIS_URL")),
     strategy="moving-window",  # at most N in ANY window of its length, not per clock window
     key_prefix="chat-limits",
 )
