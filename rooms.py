@@ -66,11 +66,13 @@ KEY_TTL = 24 * 60 * 60  # seconds a post's Idempotency-Key is remembered: a retr
 # One post, atomically (a Lua script runs whole, and no other command runs meanwhile): a post
 # whose Idempotency-Key was seen before returns the first post's id and stores nothing; a post
 # that would create a room counts against its user's new rooms of the hour; the message is
-# added, and the room (and the key) live on for ROOM_TTL seconds from now. So a retry after a
-# timeout that did store the message finds its id, never a second copy.
+# added, the room lives on for ROOM_TTL seconds from now, and the key for KEY_TTL. So a retry
+# after a timeout that did store the message finds its id, never a second copy.
 POST = """
-local first = redis.call("GET", KEYS[2])
-if first then return first end
+if ARGV[6] ~= "0" then
+    local first = redis.call("GET", KEYS[2])
+    if first then return first end
+end
 if redis.call("EXISTS", KEYS[1]) == 0 then
     local opened = redis.call("INCR", KEYS[3])
     if opened == 1 then redis.call("EXPIRE", KEYS[3], 3600) end
@@ -169,7 +171,8 @@ class Broker:
         """Count one more open stream of `user`, over every process, or refuse it with a 429
         past STREAMS. Each is an entry of a sorted set that expires unless this process
         renews it (write_presence): a process that dies stops being counted within
-        PRESENCE_TTL seconds."""
+        PRESENCE_TTL seconds. (Expiry is by each process's clock: hosts that share a Redis
+        are assumed to agree within a few seconds, as NTP keeps them.)"""
         key, entry = f"chat-streams:{user}", f"{self.instance}:{secrets.token_hex(6)}"
         ttl = self.config["PRESENCE_TTL"]
         with self.redis.pipeline() as pipe:  # MULTI ... EXEC: counted in one step

@@ -148,7 +148,8 @@ def checked(room: str) -> str:
 @limit_posts(app.config, authenticated_user)  # past POSTS: 429, with Retry-After
 def post_message(room: str) -> Response:
     """Store a message in the room's history, from where it reaches every subscriber."""
-    user, text = authenticated_user(), json_object().get("text")
+    user, room = authenticated_user(), checked(room)
+    text = json_object().get("text")
     if not isinstance(text, str) or not TEXT.fullmatch(text):
         abort(400, "text must be a string of 1 to 1000 characters, not only spaces")
     if CONTROL.search(text):
@@ -156,7 +157,7 @@ def post_message(room: str) -> Response:
     # XADD MAXLEN ~ HISTORY: Redis picks the id, and trims whole blocks of old entries, cheaply.
     # A retry with the same Idempotency-Key gets the first post's id, and nothing is stored.
     key = request.headers.get("Idempotency-Key")
-    return jsonify(id=broker().post(checked(room), user, text, key)), 201
+    return jsonify(id=broker().post(room, user, text, key)), 201
 
 
 @app.get("/rooms/<room>/events")

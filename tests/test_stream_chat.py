@@ -1152,6 +1152,11 @@ def test_a_retry_with_the_same_idempotency_key_stores_nothing_new(chat, client, 
     assert post_as("Alice", "post-2").json != first.json  # another post
     assert post_as("Bob", "post-1").json != first.json  # each user names their own posts
     assert chat.redis.xlen(f"chat:{room}") == 3
+    post_as("Carol", "None")
+    without = client.post(f"/rooms/{room}/messages", json={"text": "new"},
+                          headers=bearer(token_for("Carol")))
+    assert without.status_code == 201, without.text
+    assert chat.redis.xlen(f"chat:{room}") == 5  # a post without a key is always new
     for key in ("", "with space", "x" * 101, "é"):
         refused = post_as("Alice", key)
         assert refused.status_code == 400, refused.text
