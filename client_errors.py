@@ -61,8 +61,9 @@ class Server:
     step: int
     file: str
     # The statuses that server refuses a request with, saying why in its JSON: bad input gets
-    # a 400 from every step's server; step 3's refuses a bad token with a 401 too.
-    refusals: tuple[int, ...] = (400,)  # the chat step's server refuses with a 429 too
+    # a 400 from every step's server; step 3's refuses a bad token with a 401 too, and step
+    # 8's a user past one of its bounds with a 429.
+    refusals: tuple[int, ...] = (400,)
     # Whether that server may speak HTTPS (started with --cert): then a client that speaks the
     # other scheme, or does not trust its certificate, is told so.
     https: bool = False
