@@ -10,12 +10,15 @@ start when that is the cure. Each client names its server once and asks it:
 
 The plumbing around those errors is here too, so that a step's code shows its lesson: the
 clients that take tokens (steps 3, 5, 6 and 7) POST for them with SERVER.post_json and read
---cacert with ca_certs.
+--cacert with ca_certs; the chat client (step 8) posts with SERVER.post_retrying, which tries
+again without ever storing a post twice.
 """
 
 import argparse
 import re
 import ssl
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +61,8 @@ class Server:
     step: int
     file: str
     # The statuses that server refuses a request with, saying why in its JSON: bad input gets
-    # a 400 from every step's server; step 3's refuses a bad token with a 401 too.
+    # a 400 from every step's server; step 3's refuses a bad token with a 401 too, and step
+    # 8's a user past one of its bounds with a 429.
     refusals: tuple[int, ...] = (400,)
     # Whether that server may speak HTTPS (started with --cert): then a client that speaks the
     # other scheme, or does not trust its certificate, is told so.
@@ -131,3 +135,26 @@ class Server:
         except (ValueError, KeyError, TypeError, AttributeError):
             message = reason
         return StreamError(f"server answered {status}: {message}")
+
+    def post_retrying(
+        self, url: str, body: dict, headers: dict, pauses: tuple[float, ...] = (1, 2)
+    ) -> requests.Response:
+        """POST `body` as JSON with an Idempotency-Key, and after a 503 or a lost answer (a drop,
+        a timeout) try again with the same key, waiting `pauses` seconds: a server that
+        honours the key stores the post once however many tries reach it. The first other
+        answer, for check_status; or a StreamError that says the post may or may not be stored,
+        because a try that got no answer may have been stored."""
+        headers = {**headers, "Idempotency-Key": uuid.uuid4().hex}  # one key, every try
+        for pause in (*pauses, None):
+            try:
+                response = requests.post(url, json=body, headers=headers, timeout=(3.05, 10))
+                if response.status_code != 503:
+                    return response
+                problem = f"{url} answered 503"
+            except requests.RequestException as error:
+                problem = f"{url} gave no answer ({error})"
+            if pause is None:
+                tries = len(pauses) + 1
+                raise StreamError(f"{problem}, {tries} times: it may or may not have been stored")
+            time.sleep(pause)
+        raise AssertionError("unreachable: the last pause is None")

@@ -13,6 +13,7 @@ POST /refresh_token it buys a new pair, once. When a used one comes back, the wh
 login it descends from is revoked. Minting and checking are step 3's (tokens.py).
 """
 
+import contextlib
 import logging
 import os
 import secrets
@@ -44,10 +45,33 @@ REFRESH_TOKEN_TYPE = "refresh+jwt"
 NOT_REFRESHABLE = f"not a refresh token (its JWT header lacks typ {REFRESH_TOKEN_TYPE})"
 
 
+class EvictingRedis(redis.RedisError, ValueError):
+    """The Redis would forget the ledger's keys when full: a RedisError, so a refresh gets 503,
+    and a ValueError, which the servers' __main__ reports for REDIS_URL, refusing to start."""
+
+
+def eviction(store: redis.Redis) -> EvictingRedis | None:
+    """Why `store` may evict keys, if it may. A Redis with maxmemory set (0: no limit) frees
+    memory by its maxmemory-policy: noeviction refuses writes instead (a 503 here), and every
+    other policy deletes keys, volatile-* those with an expiry, as every key of the ledger has.
+    A used token whose key was deleted would buy a new pair once more: the ledger fails closed."""
+    memory = store.info("memory")
+    policy, limit = memory.get("maxmemory_policy"), int(memory.get("maxmemory", 0))
+    if policy == "noeviction" or not limit:
+        return None
+    return EvictingRedis(
+        f"the Redis at REDIS_URL deletes keys when it is full (maxmemory-policy {policy}, "
+        f"maxmemory {limit} bytes), and a used refresh token whose key it deleted would work "
+        "again: set maxmemory-policy noeviction there (CONFIG SET maxmemory-policy noeviction, "
+        "and in redis.conf), or give the ledger a Redis of its own with that setting"
+    )
+
+
 class RefreshTokenLedger:
     """The refresh tokens already used and the logins revoked, each kept until it would
     expire anyway. In this process's memory; with REDIS_URL, in Redis, which every worker
-    and host shares and which outlives a restart of the server."""
+    and host shares and which outlives a restart of the server, and only in a Redis that
+    never deletes a key before it expires (see eviction())."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -58,11 +82,15 @@ class RefreshTokenLedger:
     def open(self, redis_url: str | None) -> None:
         """Choose where the ledger lives, and say so: at start in __main__; under gunicorn
         on first use, in the worker, so that no worker shares another's connection."""
+        self._opened = True
         if redis_url:
             self._redis = redis.Redis.from_url(redis_url)  # it connects when first used
             try:
-                self._redis.ping()
+                if problem := eviction(self._redis):  # at start, in __main__: it does not start
+                    raise problem
                 logger.info("REDIS_URL is set: used refresh tokens are kept in Redis")
+            except EvictingRedis:
+                raise
             except redis.RedisError as error:  # not fatal: refreshes get 503 until it answers
                 logger.warning("REDIS_URL is set, but Redis does not answer (%s): "
                                "refreshes fail with 503 until it does", error)
@@ -70,12 +98,15 @@ class RefreshTokenLedger:
             # Every process keeps its own: a token used in one worker works once more in
             # each other worker, and once more after a restart.
             logger.warning("REDIS_URL is unset: reuse is detected within this process only")
-        self._opened = True
 
     def _store(self) -> redis.Redis | None:
         with self._lock:
             if not self._opened:
-                self.open(os.environ.get("REDIS_URL"))
+                with contextlib.suppress(EvictingRedis):  # checked below, at every use
+                    self.open(os.environ.get("REDIS_URL"))
+        # At every use, not only at start: maxmemory and its policy can change at run time.
+        if self._redis is not None and (problem := eviction(self._redis)):
+            raise problem  # a 503, and the log says what to change
         return self._redis
 
     def has(self, key: str) -> bool:

@@ -22,7 +22,7 @@ from client_errors import DEFAULT_URL, Server, StreamError, base_url
 # Step 4's reader of Server-Sent Events, as it is: see stream_client_sse.py.
 from stream_client_sse import Event, SSEParser
 
-SERVER = Server(8, "stream_server_chat.py")  # named in the error messages
+SERVER = Server(8, "stream_server_chat.py", (400, 429))  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
 # on the whole stream, so it must be longer than the server's heartbeat (a comment every 15 s).
 READ_TIMEOUT = 70.0
@@ -88,11 +88,11 @@ def say(url: str, room: str, user: str, text: str) -> str:
     """Post one message; its id, once the server has stored it."""
     try:
         headers, path = bearer(url, user), f"{url}/rooms/{room}/messages"
-        posted = requests.post(path, json={"text": text}, headers=headers, timeout=10)
     except requests.ConnectionError as error:
         raise SERVER.cannot_connect(url, error) from None
     except requests.RequestException as error:  # a timeout
         raise StreamError(f"{url} did not answer in time ({error})") from None
+    posted = SERVER.post_retrying(path, {"text": text}, headers)  # one Idempotency-Key, every try
     SERVER.check_status(posted, "application/json")
     return posted.json()["id"]
 
@@ -103,7 +103,7 @@ def post_lines(url: str, room: str, user: str) -> None:
         try:
             say(url, room, user, line.rstrip("\r\n"))
         except StreamError as error:
-            print(f"error: not sent: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,8 @@ from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 # The rooms in Redis, shared by every process: one reader each, a bounded queue per
-# subscriber, presence that expires. See rooms.py.
-from rooms import Broker, order
+# subscriber, presence that expires, and bounds on what one user takes. See rooms.py.
+from rooms import Broker, connect, limit_posts, limiter, order
 
 # What a server needs to face slow, silent and hostile clients, shared: see serving.py.
 from serving import RequestHandler
@@ -46,11 +46,16 @@ from tokens import authenticated_user, json_object, load_secret_key, tokens
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
 app.register_blueprint(tokens)  # POST /generate_token, and 401s for bad tokens
+limiter.init_app(app)  # 429 for a user who posts too fast, counted in Redis: see rooms.py
 app.config["MAX_CONTENT_LENGTH"] = 16 * 1024  # a message of 1,000 characters, even escaped
 app.config["HISTORY"] = 1000  # messages a room keeps, about (XADD MAXLEN ~): how far resume reaches
 app.config["PRESENCE_TTL"] = 30  # seconds: a process that died stops being counted by then
 app.config["QUEUE"] = 1000  # messages waiting for one subscriber; one more and it is let go
 app.config["CONNECTIONS"] = 50  # to Redis, at most, from this process
+app.config["ROOM_TTL"] = 24 * 60 * 60  # seconds: a room nobody posts to for so long is deleted
+# What one user may take, over every process (429 beyond): a burst of 20 posts, 5 a second on
+# average; new rooms an hour (each costs Redis memory for ROOM_TTL); streams open at once.
+app.config |= {"POSTS": "20 per 4 seconds", "NEW_ROOMS": 20, "STREAMS": 10}
 # Settings from the environment too, where there are no flags: CHAT_HISTORY=100 gunicorn ...
 app.config.from_prefixed_env("CHAT")
 
@@ -61,6 +66,9 @@ HEARTBEAT = 15.0  # seconds: a quiet stream sends a comment this often, or proxi
 # 1 to 1,000 characters, not all spaces, and no lone surrogate: "\ud800" is valid JSON,
 # but not Unicode that Redis could store as UTF-8.
 TEXT = re.compile(r"(?=.*\S)[^\ud800-\udfff]{1,1000}", re.DOTALL)
+# Control characters (C0, DEL, C1) but newline and tab: a terminal acts on ESC, CR or BEL, so a
+# message could rewrite the lines above it, or the window's title.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # A Stream id: milliseconds, then a sequence number. At most 19 digits each stays below
 # 2**64, Redis's limit, so Redis never refuses one that we pass on.
 STREAM_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
@@ -89,22 +97,8 @@ def broker() -> Broker:
     """This process's Broker, made on first use: under gunicorn, in each worker."""
     with BROKER_LOCK:
         if "chat" not in app.extensions:
-            # A BlockingConnectionPool: beyond CONNECTIONS, a request waits for a free one
-            # instead of failing with "Too many connections". The socket timeout outlasts
-            # the reader's XREAD BLOCK.
-            options = {"decode_responses": True, "socket_timeout": app.config["PRESENCE_TTL"]}
-            options |= {"max_connections": app.config["CONNECTIONS"]}
-            if url := os.environ.get("REDIS_URL"):
-                logger.info("rooms are in Redis: every process that shares it serves them")
-                client = redis.Redis(
-                    connection_pool=redis.BlockingConnectionPool.from_url(url, **options)
-                )
-            else:  # fakeredis: the same commands, served from this process's memory
-                import fakeredis  # only here: it loads numpy, ~14 MB a process that uses Redis
-                logger.warning("REDIS_URL is unset: rooms live in this process, which serves "
-                               "them alone (no other worker or host sees them)")
-                pool = {"connection_pool_class": redis.BlockingConnectionPool}
-                client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), **options, **pool)
+            # Redis if REDIS_URL names one, else fakeredis in this process: see rooms.py.
+            client = connect(os.environ.get("REDIS_URL"), app.config)
             app.extensions["chat"] = Broker(client, app.config, message_event)
         return app.extensions["chat"]
 
@@ -151,16 +145,19 @@ def checked(room: str) -> str:
 
 
 @app.post("/rooms/<room>/messages")
+@limit_posts(app.config, authenticated_user)  # past POSTS: 429, with Retry-After
 def post_message(room: str) -> Response:
     """Store a message in the room's history, from where it reaches every subscriber."""
-    user, key = authenticated_user(), f"chat:{checked(room)}"
+    user, room = authenticated_user(), checked(room)
     text = json_object().get("text")
     if not isinstance(text, str) or not TEXT.fullmatch(text):
         abort(400, "text must be a string of 1 to 1000 characters, not only spaces")
-    # MAXLEN ~ (redis-py's approximate=True): Redis trims whole blocks of old entries, cheaply.
-    fields, history = {"user": user, "text": text}, app.config["HISTORY"]
-    message_id = broker().redis.xadd(key, fields, maxlen=history)  # Redis picks the id
-    return jsonify(id=message_id), 201
+    if CONTROL.search(text):
+        abort(400, "text must not contain control characters other than newline and tab")
+    # XADD MAXLEN ~ HISTORY: Redis picks the id, and trims whole blocks of old entries, cheaply.
+    # A retry with the same Idempotency-Key gets the first post's id, and nothing is stored.
+    key = request.headers.get("Idempotency-Key")
+    return jsonify(id=broker().post(room, user, text, key)), 201
 
 
 @app.get("/rooms/<room>/events")

@@ -761,6 +761,9 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
     # Stopped in reverse: the step's servers, then Redis, and only then Redis's folder goes.
     with contextlib.ExitStack() as cleanup:
         env = {"JWT_SECRET_KEY": key, "REDIS_URL": None}
+        # One user reads on every stream and one posts them all: far past the chat step's
+        # bounds on one user (10 streams, 20 posts in 4 s), which would refuse them with 429.
+        env |= {"CHAT_STREAMS": str(count), "CHAT_POSTS": "100000 per 1 second"}
         per_instance = -(-count // instances)
         if with_redis:
             folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))

@@ -57,10 +57,12 @@ def require(found: bool, what: str, package: str) -> None:
 
 class RedisServer:
     """One redis-server on 127.0.0.1, no persistence, in a temporary folder; stop() and
-    start() again keep its port, so a test can take Redis away and bring it back."""
+    start() again keep its port, so a test can take Redis away and bring it back. `settings`
+    are more of redis.conf's, such as {"maxmemory": "2mb", "maxmemory-policy": "allkeys-lru"}."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
         require(bool(REDIS_SERVER), "redis-server", "redis-server")
+        self.settings = settings or {}
         self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -74,6 +76,8 @@ class RedisServer:
         # No RDB snapshots and no append-only file: nothing is written, nothing outlives the test.
         command += ["--save", "", "--appendonly", "no", "--dir", self.folder]
         command += ["--protected-mode", "no", "--loglevel", "warning"]
+        for name, value in self.settings.items():
+            command += [f"--{name}", value]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         wait_until(self._answers)
 

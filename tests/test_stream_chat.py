@@ -19,11 +19,13 @@ from contextlib import suppress
 from datetime import datetime
 from types import SimpleNamespace
 
+import limits
 import pytest
 import redis
 import requests
 from selenium.webdriver.common.by import By
 
+import client_errors
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
@@ -43,10 +45,17 @@ from helpers import (
 from services import Gunicorn
 from stream_client_chat import Event, SSEParser
 
+# What one user may take, as the server sets it: the tests of those bounds use it.
+BOUNDS = {name: server.app.config[name] for name in ("POSTS", "NEW_ROOMS", "STREAMS")}
+# The other tests post and follow as a few users, fast, in many rooms: far within these.
+ROOMY = {"POSTS": "100000 per 1 second", "NEW_ROOMS": 100_000, "STREAMS": 1000}
+
 
 @pytest.fixture(autouse=True)
 def test_key(monkeypatch):
     monkeypatch.setitem(server.app.config, "JWT_SECRET_KEY", TEST_KEY)
+    for name, value in ROOMY.items():
+        monkeypatch.setitem(server.app.config, name, value)
 
 
 @pytest.fixture
@@ -674,12 +683,14 @@ def test_client_reports_bad_input_and_a_missing_server(base, capsys, monkeypatch
 
 
 def start_instance(
-    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn
+    redis_url: str, presence_ttl: int = 2, start: Callable[..., Gunicorn] = Gunicorn, **bounds
 ) -> Gunicorn:
     """`gunicorn -k gevent` running the chat step in one worker, with REDIS_URL, and a short
     bound for presence, so that a dead instance drops out within the test. `start` is
-    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends."""
+    Gunicorn itself, or the gunicorn fixture, which stops it when the test ends. The bounds
+    on one user are ROOMY's, but for those given (POSTS="3 per 1 hour", say)."""
     env = {"REDIS_URL": redis_url, "CHAT_PRESENCE_TTL": str(presence_ttl)}
+    env |= {f"CHAT_{name}": str(value) for name, value in {**ROOMY, **bounds}.items()}
     return start("stream_server_chat", "gevent", env=env)
 
 
@@ -991,3 +1002,290 @@ def test_client_in_a_quiet_room_reconnects_when_the_server_goes(monkeypatch, cap
     with pytest.raises(chat_client.StreamError, match="5 reconnections failed"):
         list(chat_client.follow("http://127.0.0.1:9", "lobby", "Alice"))
     assert waits == [2, 4, 8, 16, 32]
+
+
+# Hostile users (issue #20): what one user may take, and what a retry may do
+
+
+@only_in_process
+@pytest.mark.parametrize(
+    "text",
+    ["\r\x1b[2K12:00:00 Bob: I owe her", "\x1b]2;owned\x07", "a\rb", "\x00", "\x7f", "\x9b2K"],
+    ids=["erase-line", "retitle", "CR", "NUL", "DEL", "C1-CSI"],
+)
+def test_control_characters_in_text_get_400(client, text):
+    # Before, they were stored, and the client printed them raw: Mallory's line became Bob's.
+    headers = bearer(token_for("Mallory"))
+    response = client.post("/rooms/lobby/messages", json={"text": text}, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json == {
+        "error": "text must not contain control characters other than newline and tab"
+    }
+
+
+@only_in_process
+def test_newline_and_tab_are_text(client, room):
+    headers = bearer(token_for("Alice"))
+    text = "two lines:\n\tand a tab"
+    response = client.post(f"/rooms/{room}/messages", json={"text": text}, headers=headers)
+    assert response.status_code == 201, response.text
+
+
+def test_every_key_of_a_room_expires_once_it_is_idle(chat, client, room, monkeypatch):
+    # Before, a room's Stream stayed forever: one user posting to ever-new rooms filled Redis.
+    monkeypatch.setitem(server.app.config, "ROOM_TTL", 100)
+    headers = {**bearer(token_for("Alice")), "Idempotency-Key": uuid.uuid4().hex}
+    path = f"/rooms/{room}/messages"
+    assert client.post(path, json={"text": "1"}, headers=headers).status_code == 201
+    assert 90 <= chat.redis.ttl(f"chat:{room}") <= 100
+    monkeypatch.setitem(server.app.config, "ROOM_TTL", 1000)
+    del headers["Idempotency-Key"]
+    assert client.post(path, json={"text": "2"}, headers=headers).status_code == 201
+    assert chat.redis.ttl(f"chat:{room}") > 900  # each post starts the idle time again
+    stream = client.get(f"/rooms/{room}/events", headers=headers)  # presence, a counted stream
+    wait_until(lambda: chat.presence(room) == {"Alice": 1})
+    # Whatever the chat step wrote, in this test or any before: nothing stays for good.
+    keys = chat.redis.keys("chat*")
+    assert {f"chat:{room}", f"chat-presence:{room}", "chat-streams:Alice"} <= set(keys)
+    assert [key for key in keys if chat.redis.ttl(key) < 0] == []
+    stream.close()
+
+
+def test_new_rooms_per_user_and_hour_are_bounded(chat, client, monkeypatch):
+    # Before, one user could open rooms without end (3,000 one-message rooms: +13.5 MB).
+    monkeypatch.setitem(server.app.config, "NEW_ROOMS", BOUNDS["NEW_ROOMS"])
+    user, rooms = f"Opener{uuid.uuid4().hex[:6]}", [uuid.uuid4().hex for _ in range(21)]
+    headers = bearer(token_for(user))
+
+    def post_to(room: str, who: dict = headers):
+        return client.post(f"/rooms/{room}/messages", json={"text": "hi"}, headers=who)
+
+    assert [post_to(room).status_code for room in rooms[:20]] == [201] * 20
+    refused = post_to(rooms[20])
+    assert refused.status_code == 429, refused.text
+    assert refused.json == {"error": "too many new rooms: at most 20 per user and hour; post "
+                                     "to a room that has messages, or wait"}
+    assert 3500 < int(refused.headers["Retry-After"]) <= 3600
+    assert not chat.redis.exists(f"chat:{rooms[20]}")
+    assert post_to(rooms[0]).status_code == 201  # a room that exists: posting goes on
+    assert post_to(rooms[20], bearer(token_for(f"{user}-2"))).status_code == 201  # another user
+
+
+@only_in_process  # Flask-Limiter's storage here is memory; Redis's is tested across instances
+def test_posts_past_the_rate_get_429_with_retry_after(client, room, monkeypatch):
+    # Before, one user posted 1,200 messages in 3 s and trimmed everyone's history away.
+    monkeypatch.setitem(server.app.config, "POSTS", "3 per 1 hour")  # the default's window: 4 s
+    headers = bearer(token_for(f"Fast{uuid.uuid4().hex[:6]}"))
+    answers = [
+        client.post(f"/rooms/{room}/messages", json={"text": f"{n}"}, headers=headers)
+        for n in range(4)
+    ]
+    assert [answer.status_code for answer in answers] == [201, 201, 201, 429]
+    wait = int(answers[-1].headers["Retry-After"])
+    assert 3500 < wait <= 3601  # rounded up
+    assert answers[-1].json == {
+        "error": f"too many messages: at most 3 per 1 hour per user; try again in {wait} s"
+    }
+    other = client.post(f"/rooms/{room}/messages", json={"text": "hi"}, headers=bearer(token_for()))
+    assert other.status_code == 201  # another user is not held back
+
+
+def test_the_default_post_rate_is_a_burst_of_20_then_5_a_second():
+    rate = limits.parse(BOUNDS["POSTS"])
+    assert (rate.amount, rate.get_expiry()) == (20, 4)
+
+
+def test_open_streams_per_user_are_bounded(chat, client, monkeypatch):
+    # Before, one self-minted token opened 1,000 streams and filled a gevent worker.
+    monkeypatch.setitem(server.app.config, "STREAMS", 2)
+    headers = bearer(token_for(f"Streamer{uuid.uuid4().hex[:6]}"))
+    rooms = [uuid.uuid4().hex for _ in range(3)]  # counted per user, whatever the room
+    opened = [client.get(f"/rooms/{room}/events", headers=headers) for room in rooms[:2]]
+    assert [stream.status_code for stream in opened] == [200, 200]
+    refused = client.get(f"/rooms/{rooms[2]}/events", headers=headers)
+    assert refused.status_code == 429, refused.text
+    assert refused.json == {"error": "too many open streams: at most 2 per user; close one first"}
+    assert int(refused.headers["Retry-After"]) > 0
+    opened[0].close()  # as when the server notices that its client left
+    again = client.get(f"/rooms/{rooms[2]}/events", headers=headers)
+    assert again.status_code == 200, again.text
+    for stream in (again, opened[1]):
+        stream.close()
+
+
+def test_presence_is_written_when_a_stream_closes(chat, client, room, monkeypatch):
+    # At once, not at the reader's next round: that is PRESENCE_TTL / 3 = 20 s away here, past
+    # WAIT. (The server learns that a client hung up when a write to it fails: within a
+    # HEARTBEAT, 15 s, at most.)
+    monkeypatch.setitem(server.app.config, "PRESENCE_TTL", 60)
+    stream = client.get(f"/rooms/{room}/events", headers=bearer(token_for("Pat")))
+    wait_until(lambda: chat.presence(room) == {"Pat": 1})
+    stream.close()
+    wait_until(lambda: chat.presence(room) == {})
+
+
+def lose_answers(monkeypatch, chat, room: str, times: int = 1) -> list[str]:
+    """Make the first `times` writes to the room's Stream be stored, then time out, as when
+    XADD's answer is lost; gives the ids that Redis gave them."""
+    execute, lost = chat.redis.execute_command, []
+
+    def stored_then_timed_out(*args, **options):
+        result = execute(*args, **options)
+        if f"chat:{room}" in args and args[0] != "XREVRANGE" and len(lost) < times:
+            lost.append(result)
+            raise redis.TimeoutError("Timeout reading from socket")
+        return result
+
+    monkeypatch.setattr(chat.redis, "execute_command", stored_then_timed_out)
+    return lost
+
+
+def test_a_retry_with_the_same_idempotency_key_stores_nothing_new(chat, client, room):
+    def post_as(user: str, key: str, text: str = "once"):
+        headers = {**bearer(token_for(user)), "Idempotency-Key": key}
+        return client.post(f"/rooms/{room}/messages", json={"text": text}, headers=headers)
+
+    first, again = post_as("Alice", "post-1"), post_as("Alice", "post-1")
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json == first.json
+    assert chat.redis.xlen(f"chat:{room}") == 1
+    assert post_as("Alice", "post-2").json != first.json  # another post
+    assert post_as("Bob", "post-1").json != first.json  # each user names their own posts
+    assert chat.redis.xlen(f"chat:{room}") == 3
+    post_as("Carol", "None")
+    without = client.post(f"/rooms/{room}/messages", json={"text": "new"},
+                          headers=bearer(token_for("Carol")))
+    assert without.status_code == 201, without.text
+    assert chat.redis.xlen(f"chat:{room}") == 5  # a post without a key is always new
+    for key in ("", "with space", "x" * 101, "é"):
+        refused = post_as("Alice", key)
+        assert refused.status_code == 400, refused.text
+        assert refused.json == {
+            "error": "Idempotency-Key must be 1 to 100 printable ASCII characters"
+        }
+
+
+def test_a_post_whose_answer_was_lost_is_stored_once_when_retried(chat, client, room, monkeypatch):
+    # Before, the POST answered 503 "try again", and the retry stored the message twice.
+    lost = lose_answers(monkeypatch, chat, room)
+    headers = {**bearer(token_for("Alice")), "Idempotency-Key": "k-1"}
+    failed = client.post(f"/rooms/{room}/messages", json={"text": "once"}, headers=headers)
+    assert failed.status_code == 503, failed.text
+    retried = client.post(f"/rooms/{room}/messages", json={"text": "once"}, headers=headers)
+    assert retried.status_code == 201, retried.text
+    assert retried.json == {"id": lost[0]}
+    assert chat.redis.xlen(f"chat:{room}") == 1
+
+
+@only_in_process
+def test_client_retries_a_post_with_the_same_key(chat, base, room, monkeypatch, capsys):
+    lost, pauses = lose_answers(monkeypatch, chat, room), []
+    monkeypatch.setattr(client_errors, "time", SimpleNamespace(sleep=pauses.append))
+    assert chat_client.main(["--url", base, "--room", room, "--user", "Bob", "--say", "1"]) == 0
+    assert capsys.readouterr().out == f"sent to {room} as Bob: id {lost[0]}\n"
+    assert (pauses, chat.redis.xlen(f"chat:{room}")) == ([1], 1)
+
+
+@only_in_process
+def test_client_never_says_not_sent_when_it_may_be_stored(chat, base, room, monkeypatch, capsys):
+    lose_answers(monkeypatch, chat, room, times=3)
+    monkeypatch.setattr(client_errors, "time", SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    chat_client.post_lines(base, room, "Bob")
+    assert capsys.readouterr().err == (
+        f"error: {base}/rooms/{room}/messages answered 503, 3 times: "
+        "it may or may not have been stored\n"
+    )
+    assert chat.redis.xlen(f"chat:{room}") == 1  # three tries, one message
+
+
+@only_in_process
+def test_client_says_why_the_server_answers_429(base, room, monkeypatch, capsys):
+    monkeypatch.setitem(server.app.config, "POSTS", "1 per 1 hour")
+    monkeypatch.setitem(server.app.config, "STREAMS", 0)
+    where = ["--url", base, "--room", room, "--user", f"Quick{uuid.uuid4().hex[:6]}"]
+    assert chat_client.main([*where, "--say", "one"]) == 0
+    assert chat_client.main([*where, "--say", "two"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: server answered 429: too many messages: at most 1 per 1 hour per user; "
+        "try again in "
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert chat_client.main(where) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: server answered 429: too many open streams: at most 0 per user; close one first"
+    )
+
+
+def test_bounds_hold_across_instances(redis_server, gunicorn, room, follow):
+    # Counted in Redis, so a user gets no more by spreading requests over instances.
+    a, b = (
+        start_instance(redis_server.url, start=gunicorn, POSTS="3 per 1 hour", STREAMS=2).url
+        for _ in range(2)
+    )
+    headers = bearer(token_for(f"Spreader{uuid.uuid4().hex[:6]}"))
+    answers = [
+        requests.post(f"{url}/rooms/{room}/messages", json={"text": "hi"}, headers=headers,
+                      timeout=WAIT)
+        for url in (a, b, a, b)
+    ]
+    assert [answer.status_code for answer in answers] == [201, 201, 201, 429]
+    assert answers[-1].json()["error"].startswith("too many messages: at most 3 per 1 hour")
+    assert int(answers[-1].headers["Retry-After"]) > 3500
+    follow(a, room, "Yan")
+    follow(b, room, "Yan")
+    for url in (a, b):
+        refused = requests.get(f"{url}/rooms/{room}/events", headers=bearer(token_for("Yan")),
+                               timeout=WAIT)
+        assert refused.status_code == 429, refused.text
+        assert refused.json() == {
+            "error": "too many open streams: at most 2 per user; close one first"
+        }
+
+
+def test_through_nginx_each_address_holds_at_most_limit_conn_requests(
+    instances, nginx, room, follow
+):
+    proxy = nginx(*(port_of(url) for url in instances), limit_conn="per_address 2")
+    first = follow(proxy.url, room)
+    follow(proxy.url, room)
+    headers = bearer(token_for("Reader"))
+    refused = requests.get(f"{proxy.url}/rooms/{room}/events", headers=headers, timeout=WAIT)
+    assert refused.status_code == 429, refused.text
+    assert refused.json() == {
+        "error": "too many connections from your address: close one, then try again"
+    }
+    first.close()  # nginx counts it no more once it sees the connection close
+    wait_until(lambda: requests.get(f"{proxy.url}/rooms/{room}/presence", headers=headers,
+                                    timeout=WAIT).status_code == 200)
+
+
+@only_in_process
+def test_the_page_retries_a_post_with_the_same_key(chat, base, browser, room, monkeypatch):
+    lose_answers(monkeypatch, chat, room)
+    joined(browser, base, room, "Alice")
+    page_says(browser, "only once")
+    wait_in_page(browser, lambda: shown(browser) == [("Alice", "only once")], "the message")
+    wait_in_page(browser, lambda: browser.find_element(By.ID, "say-text").get_attribute("value")
+                 == "", "the box emptied once the retry stored it")
+    assert (notes(browser), chat.redis.xlen(f"chat:{room}")) == ([], 1)
+
+
+@only_in_process
+def test_the_page_says_why_the_server_answers_429(base, browser, room, monkeypatch):
+    monkeypatch.setitem(server.app.config, "POSTS", "1 per 1 hour")
+    user = f"Quick{uuid.uuid4().hex[:6]}"
+    joined(browser, base, room, user)
+    page_says(browser, "one")
+    wait_in_page(browser, lambda: len(shown(browser)) == 1, "the first message")
+    page_says(browser, " more")
+    wait_in_page(browser, lambda: notes(browser), "a note")
+    assert notes(browser)[0].startswith(
+        "not sent: too many messages: at most 1 per 1 hour per user; try again in "
+    )
+    assert save_screenshot(browser, "chat_page_429.png")
+    monkeypatch.setitem(server.app.config, "STREAMS", 0)
+    browser.get(f"{base}/?room={room}&user={user}")
+    status = browser.find_element(By.ID, "status")
+    expected = "too many open streams: at most 0 per user; close one first"
+    wait_in_page(browser, lambda: status.text == expected, "the stream's 429")

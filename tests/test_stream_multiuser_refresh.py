@@ -34,7 +34,7 @@ from helpers import (
     stop_step,
     token_for,
 )
-from services import Gunicorn
+from services import Gunicorn, RedisServer
 
 USED = "this refresh token was already used: its login is now revoked"
 REVOKED = "this login was revoked: log in again"
@@ -283,6 +283,67 @@ def test_with_redis_down_a_refresh_gets_503_and_works_once_it_is_back(
     response = refresh(client, tokens["refresh_token"])
     assert response.status_code == 200, response.text
     assert_refused(refresh(client, tokens["refresh_token"]), USED)
+
+
+@pytest.fixture(scope="module")
+def evicting_redis():
+    """A real redis-server set up as caches often are: 2 MB at most, and when full it deletes
+    the least recently used keys, any of them (maxmemory-policy allkeys-lru)."""
+    server = RedisServer({"maxmemory": "2mb", "maxmemory-policy": "allkeys-lru"})
+    yield server
+    server.close()
+
+
+def flood(url: str) -> None:
+    """Fill that Redis well past its maxmemory, as one user posting to ever-new chat rooms
+    did (issue #20): it evicts whatever it used least recently."""
+    store = redis.Redis.from_url(url)
+    with store, store.pipeline(transaction=False) as pipe:
+        for n in range(1000):
+            pipe.set(f"flood:{n}", b"x" * 4096)
+        pipe.execute()
+
+
+def test_against_an_evicting_redis_the_ledger_fails_closed(client, evicting_redis, monkeypatch):
+    # Before, a used refresh token whose key Redis had evicted bought a new pair once more.
+    ledger = refresh_tokens.RefreshTokenLedger()  # as under gunicorn: opened at first use
+    monkeypatch.setattr(refresh_tokens, "ledger", ledger)
+    monkeypatch.setenv("REDIS_URL", evicting_redis.url)
+    tokens = pair(client)
+    first = refresh(client, tokens["refresh_token"])
+    flood(evicting_redis.url)
+    replayed = refresh(client, tokens["refresh_token"])
+    assert (first.status_code, replayed.status_code) == (503, 503), replayed.text
+    assert replayed.json == {"error": "refresh tokens cannot be checked now: retry soon"}
+
+
+def test_the_ledger_checks_the_policy_at_every_use(client, redis_ledger, monkeypatch, caplog):
+    # A Redis that was safe at start, and is told to evict at run time.
+    tokens = pair(client)
+    redis_ledger.config_set("maxmemory", "64mb")
+    redis_ledger.config_set("maxmemory-policy", "volatile-lru")  # the ledger's keys expire
+    try:
+        response = refresh(client, tokens["refresh_token"])
+        assert response.status_code == 503, response.text
+        assert "maxmemory-policy volatile-lru" in caplog.text
+        redis_ledger.config_set("maxmemory-policy", "noeviction")  # full: it refuses writes
+        assert refresh(client, tokens["refresh_token"]).status_code == 200
+    finally:
+        redis_ledger.config_set("maxmemory", "0")
+
+
+@pytest.mark.parametrize("step", ["stream_server_multiuser_refresh.py",
+                                  "stream_server_multiuser_resume.py"])
+def test_the_server_refuses_to_start_against_an_evicting_redis(step, evicting_redis):
+    command = [sys.executable, step, "--port", str(free_port())]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode(), "REDIS_URL": evicting_redis.url}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=WAIT)
+    assert result.returncode == 2, result.stderr
+    assert "error: REDIS_URL: the Redis at REDIS_URL deletes keys when it is full " \
+        "(maxmemory-policy allkeys-lru, maxmemory 2097152 bytes)" in result.stderr
+    assert "set maxmemory-policy noeviction there" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # The client: one login, many streams
