@@ -40,7 +40,7 @@ def stream_chunks(base: str, room: str, user: str, parser: SSEParser) -> Iterato
     """Yield the stream's chunks as text, each as soon as it has arrived."""
     url, headers = f"{base}/rooms/{room}/events", {"Accept": "text/event-stream"}
     if parser.last_id:
-        headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
+        headers["Last-Event-ID"] = parser.last_id.encode()  # resume after it; UTF-8, as browsers
     timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
     try:
         headers.update(bearer(base, user))
@@ -49,12 +49,14 @@ def stream_chunks(base: str, room: str, user: str, parser: SSEParser) -> Iterato
             if response.status_code == 503:  # the server cannot reach Redis: try again later
                 response.raise_for_status()
             SERVER.check_status(response, "text/event-stream")
+            # Always UTF-8, whatever charset the header names, less a byte order mark at the start.
+            response.encoding = "utf-8-sig"
             # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
             # A number would cut chunks into pieces of that size (and, on a body that
             # is not chunked, wait until that many bytes have come); iter_lines holds
             # text back until a newline arrives, so a chunk without one (a word of
             # generated text, say) would wait for the next line. decode_unicode uses the
-            # charset the server named, and keeps a character split across chunks whole.
+            # encoding set above, and keeps a character split across chunks whole.
             yield from response.iter_content(chunk_size=None, decode_unicode=True)
     except requests.ConnectionError as error:
         if parser.retry_ms is not None:  # it was there: `retry:` comes first, even to a quiet room
@@ -66,6 +68,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
     """Yield the room's events; when the stream ends or breaks, resume after the last one."""
     parser, failures = SSEParser(), 0
     while True:
+        parser.reset()  # a new connection starts with no unfinished line or event
         try:
             for text in stream_chunks(base, room, user, parser):
                 for event in parser.feed(text):
