@@ -19,10 +19,11 @@ import pytest
 from selenium.webdriver.common.by import By
 
 import stream_client_chat as chat_client
+import stream_client_multiuser_resume as resume_client
 import stream_client_sse as sse_client
 import stream_server_chat as chat_server
 import stream_server_sse as sse_server
-from helpers import ROOT, Answer, wait_in_page
+from helpers import ROOT, Answer, token_for, wait_in_page
 from stream_client_sse import Event, SSEParser
 
 
@@ -472,3 +473,36 @@ def test_the_step_4_page_reads_nothing_but_an_event_stream(browser, scripted):
     wait_in_page(browser, lambda: status().startswith("error"), "an error")
     assert status() == "error: not an event stream: text/x-bogus"
     assert browser.find_element(By.ID, "tokens-text").text == ""
+
+
+# Step 7's NDJSON: a line is read only whole. One cut off by the end of the body, or by a
+# drop, is not parsed, and the client resumes from it.
+
+
+NDJSON = "application/x-ndjson"
+
+
+def ndjson(*lines: dict) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["body ended", "connection dropped"])
+def test_the_step_7_client_resumes_from_a_line_cut_in_two(scripted, monkeypatch, capsys, dropped):
+    monkeypatch.setattr(resume_client, "FIRST_WAIT", 0.01)
+    first, second = {"seq": 1, "text": "line 1"}, {"seq": 2, "text": "line 2"}
+    tokens = {"access_token": token_for(), "refresh_token": "r", "expires_in": 3600}
+    server = scripted(
+        {
+            "/generate_token": [Answer([json.dumps(tokens).encode()], "application/json", False)],
+            "/stream": [
+                Answer([ndjson(first) + ndjson(second)[:-5]], NDJSON, complete=not dropped),
+                Answer([ndjson(second, {"end": "complete"})], NDJSON),
+            ],
+        }
+    )
+    assert resume_client.main(["--url", server.url, "--count", "2"]) == 0
+    out = [line.split("  ", 1)[-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    why = "the connection was lost" if dropped else "the stream stopped in the middle of a line"
+    assert out[:3] == ["line 1", f"({why}: resuming from line 2 in 0.01s)", "line 2"]
+    targets = [request[b":target"] for request in server.requests["/stream"]]
+    assert [target.split(b"from=")[1] for target in targets] == [b"1", b"2"]
