@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 # Step 4's reader of Server-Sent Events, as it is: see stream_client_sse.py.
 from stream_client_sse import Event, SSEParser
@@ -83,7 +83,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
         if failures > RECONNECTS:
             raise StreamError(f"{problem}, and {RECONNECTS} reconnections failed")
         wait = (parser.retry_ms or 2000) / 1000 * 2 ** (failures - 1)  # twice as long each time
-        print(f"({problem}; resuming after event {parser.last_id or 'none'} in {wait:g}s)")
+        print(f"({problem}; resuming after event {visible(parser.last_id or 'none')} in {wait:g}s)")
         time.sleep(wait)
 
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         where = (base_url(args.url), args.room, args.user)
         if args.say is not None:
-            print(f"sent to {args.room} as {args.user}: id {say(*where, args.say)}")
+            print(f"sent to {args.room} as {args.user}: id {visible(say(*where, args.say))}")
             return 0
         hint = f"(in {args.room} as {args.user}: type a line, Enter posts it; Ctrl-C leaves)"
         print(hint, file=sys.stderr)
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             data = json.loads(event.data)
             if event.type == "message":
                 at = time.strftime("%H:%M:%S", time.localtime(data["time"]))
-                print(f"{at} {data['user']}: {data['text']}", flush=True)
+                print(f"{at} {visible(data['user'])}: {visible(data['text'])}", flush=True)
             else:  # reset: messages were lost; overflow: we fell behind; error: Redis is down
-                print(f"({event.type}: {event.data})", flush=True)
+                print(visible(f"({event.type}: {event.data})"), flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ import jwt
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs, visible
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         params = {"count": args.count, "interval": args.interval}
         for message in follow(base, tokens, params, verify):
-            print(f"+{time.monotonic() - started:.2f}s  {message['text']}", flush=True)
+            print(f"+{time.monotonic() - started:.2f}s  {visible(message['text'])}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 SERVER = Server(4, "stream_server_sse.py")  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
@@ -108,7 +108,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
         if failures > RECONNECTS:
             raise StreamError(f"{problem}, and {RECONNECTS} reconnections failed")
         wait = (parser.retry_ms or 2000) / 1000
-        print(f"({problem}; resuming after event {parser.last_id or 'none'} in {wait:g}s)")
+        print(f"({problem}; resuming after event {visible(parser.last_id or 'none')} in {wait:g}s)")
         time.sleep(wait)
 
 
@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for event in follow(f"{base_url(args.url)}/{path}", params):
             if event.type == "token":  # words join into the text as they come
-                print(event.data, end="", flush=True)
+                print(visible(event.data), end="", flush=True)
                 continue
             if event.type == "end" and args.tokens:
                 print()  # finish the line of words
-            what = "end" if event.type == "end" else f"#{event.id} {event.type}"
-            print(f"+{time.monotonic() - started:.2f}s  {what}: {event.data}", flush=True)
+            what = "end" if event.type == "end" else visible(f"#{event.id} {event.type}")
+            print(f"+{time.monotonic() - started:.2f}s  {what}: {visible(event.data)}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
