@@ -16,6 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass
 
 import pytest
+import requests
 from selenium.webdriver.common.by import By
 
 import stream_client_chat as chat_client
@@ -23,7 +24,7 @@ import stream_client_multiuser_resume as resume_client
 import stream_client_sse as sse_client
 import stream_server_chat as chat_server
 import stream_server_sse as sse_server
-from helpers import ROOT, Answer, token_for, wait_in_page
+from helpers import ROOT, WAIT, Answer, port_of, token_for, wait_in_page
 from stream_client_sse import Event, SSEParser
 
 
@@ -247,11 +248,15 @@ def test_the_pages_parser_reads_each_wpt_vector_whole_and_cut_at_every_byte(brow
         assert differ == [], vector.name
 
 
+JAVASCRIPT = ("text/javascript", "application/javascript")  # a module script needs one of them
+
+
 @pytest.mark.parametrize("app", [sse_server.app, chat_server.app], ids=["step 4", "step 8"])
-def test_every_server_of_a_page_serves_the_shared_parser(app):
-    with app.test_client().get("/static/eventstream.js") as response:
+def test_every_server_of_a_page_serves_the_shared_parser_behind_nginx_too(app, serve, nginx):
+    for base in (url := serve(app), nginx(port_of(url)).url):
+        response = requests.get(f"{base}/static/eventstream.js", timeout=WAIT)
         assert response.status_code == 200
-        assert response.mimetype in ("text/javascript", "application/javascript")
+        assert response.headers["Content-Type"].split(";")[0] in JAVASCRIPT
         assert "export class EventStreamParser" in response.text
 
 
