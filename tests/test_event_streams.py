@@ -358,7 +358,7 @@ def chat_event(message_id: str, text: str) -> bytes:
     return f"id: {message_id}\nevent: message\ndata: {data}\n\n".encode()
 
 
-FIRST = chat_event("1-0", "héllo ✓")
+FIRST = chat_event("1-…", "héllo ✓")  # not an id the server makes: a header in UTF-8
 CUT = FIRST.index("é".encode()) + 1  # between the two bytes of é
 
 
@@ -393,8 +393,8 @@ def chat_routes(dropped: threading.Event) -> dict[str, list[Answer]]:
 
 
 def test_the_chat_page_and_client_see_the_same_messages_and_resume_alike(browser, scripted):
-    expected = [("1-0", "héllo ✓"), ("2-0", "2"), ("3-0", "three")]
-    resumed_after = [None, b"1-0", b"2-0"]
+    expected = [("1-…", "héllo ✓"), ("2-0", "2"), ("3-0", "three")]
+    resumed_after = [None, "1-…".encode(), b"2-0"]
 
     dropped = threading.Event()
     server = scripted(chat_routes(dropped))
