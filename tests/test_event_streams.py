@@ -248,6 +248,50 @@ def test_the_pages_parser_reads_each_wpt_vector_whole_and_cut_at_every_byte(brow
         assert differ == [], vector.name
 
 
+# The table itself checked against the reference: each vector's connections, in turn, to
+# Chromium's EventSource. A 204 after the last one stops it, and its request shows the
+# Last-Event-ID the vector ends with.
+ALL_VECTORS_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+<script>
+window.seen = {}; window.ended = {};
+for (const [path, types] of %s) {
+  seen[path] = [];
+  const source = new EventSource(path);
+  for (const type of types) {
+    source.addEventListener(type, (e) => seen[path].push([e.type, e.data, e.lastEventId]));
+  }
+  source.onerror = () => { if (source.readyState === EventSource.CLOSED) ended[path] = true; };
+}
+</script>"""
+
+
+def test_chromium_sees_in_each_wpt_vector_what_the_table_says(browser, scripted):
+    paths = [f"/vector/{n}" for n in range(len(VECTORS))]
+    types = [
+        [path, sorted({"message", *(event[0] for event in vector.events)})]
+        for path, vector in zip(paths, VECTORS, strict=True)
+    ]
+    page = (ALL_VECTORS_PAGE % json.dumps(types)).encode()
+    no_more = Answer([], chunked=False, status="204 No Content")
+    server = scripted(
+        {
+            "/": [Answer([page], "text/html", False)],
+            **{
+                path: [*(Answer([body]) for body in vector.connections), no_more]
+                for path, vector in zip(paths, VECTORS, strict=True)
+            },
+        }
+    )
+    browser.get(server.url)
+    ended = lambda: len(browser.execute_script("return ended"))  # noqa: E731
+    wait_in_page(browser, lambda: ended() == len(paths), "every vector's EventSource closed")
+    seen = browser.execute_script("return seen")
+    for path, vector in zip(paths, VECTORS, strict=True):
+        assert [tuple(event) for event in seen[path]] == vector.events, vector.name
+        sent = [request.get(b"last-event-id", b"").decode() for request in server.requests[path]]
+        assert sent[1:] == vector.last_ids, vector.name
+
+
 JAVASCRIPT = ("text/javascript", "application/javascript")  # a module script needs one of them
 
 
