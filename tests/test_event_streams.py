@@ -2,10 +2,11 @@
 SSEParser (which the chat client imports) and static/eventstream.js (which the pages import).
 
 - The web-platform-tests' own vectors (eventsource/format-*), fed whole, cut at every byte and
-  one byte at a time, to both parsers.
+  one byte at a time, to both parsers; the table itself checked against Chromium's EventSource.
 - A differential test: the same bytes, from a server on a bare socket, cut in the middle of an
   event, go to headless Chromium's EventSource, to the Python clients and to the chat page;
   all must show the same events and send the same Last-Event-ID when they reconnect.
+- Step 7's NDJSON client, which reads a line only whole.
 """
 
 import codecs
