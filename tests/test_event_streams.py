@@ -153,8 +153,8 @@ VECTORS = [
         ["6", "6"],
     ),
     Vector(
-        "issue 20: UTF-8 cut anywhere, CR line ends",
-        [b"\xef\xbb\xbfdata: h\xc3\xa9llo \xe2\x9c\x93\r\rdata: a\r\ndata: b\r\r\n"],
+        "issue 20: UTF-8 cut anywhere; CR line ends, the last one last of all",
+        [b"\xef\xbb\xbfdata: h\xc3\xa9llo \xe2\x9c\x93\r\rdata: a\r\ndata: b\r\r"],
         [("message", "héllo ✓", ""), ("message", "a\nb", "")],
         [""],
     ),
