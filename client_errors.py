@@ -11,7 +11,9 @@ start when that is the cure. Each client names its server once and asks it:
 The plumbing around those errors is here too, so that a step's code shows its lesson: the
 clients that take tokens (steps 3, 5, 6 and 7) POST for them with SERVER.post_json and read
 --cacert with ca_certs; the chat client (step 8) posts with SERVER.post_retrying, which tries
-again without ever storing a post twice.
+again without ever storing a post twice. And every client prints text from the network through
+visible(), so that a server, or another user of a chat, cannot steer the terminal with control
+characters.
 """
 
 import argparse
@@ -27,6 +29,12 @@ import requests
 from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 DEFAULT_URL = "http://127.0.0.1:5000"  # where every step's server listens unless told otherwise
+
+
+def visible(text: object) -> str:
+    """`text` made safe to print: each character that a terminal would act on rather than show
+    (ESC, CR, BEL, a line break, a bidi override...) is written as its escape, such as \\x1b."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
 
 
 class StreamError(Exception):
@@ -127,14 +135,14 @@ class Server:
         # This step's server explains its refusals (a 5xx: it failed, or a proxy did). Any
         # other answer is another server's, often another step's: a 404, a 401, another type.
         if status not in self.refusals and status < 500:
-            answer = f"{status} {kind}" if status < 400 else status
+            answer = visible(f"{status} {kind}" if status < 400 else status)
             return self.start_it(f"{url} answered {answer}: it is not step {self.step}'s server.")
         try:
             body = read_json()
             message = body.get("error_description") or body["error"]  # a 401 explains itself
         except (ValueError, KeyError, TypeError, AttributeError):
             message = reason
-        return StreamError(f"server answered {status}: {message}")
+        return StreamError(f"server answered {status}: {visible(message)}")
 
     def post_retrying(
         self, url: str, body: dict, headers: dict, pauses: tuple[float, ...] = (1, 2)

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+# Headers are text from the network: printed with their control characters escaped.
+from client_errors import visible
+
 
 class FramingError(Exception):
     """The bytes on the wire are not valid chunked framing."""
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         sock, wire = send_request(args.url, args.header)
         with sock, wire:
             head = read_head(wire)
-            print("\n".join(head))
+            print("\n".join(map(visible, head)))
             if "transfer-encoding: chunked" not in (line.lower() for line in head):
                 print(f"(not chunked) {wire.read()!r}")
                 return 0

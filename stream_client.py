@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 SERVER = Server(1, "stream_server.py")  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in stream_chunks(f"{base}/stream", args.count, args.interval):
             chunks += 1
             size += len(chunk.encode())
-            print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)
+            print(f"+{time.monotonic() - started:.2f}s  {visible(chunk.rstrip())}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

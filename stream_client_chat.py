@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 # Step 4's reader of Server-Sent Events, as it is: see stream_client_sse.py.
 from stream_client_sse import Event, SSEParser
@@ -40,7 +40,7 @@ def stream_chunks(base: str, room: str, user: str, parser: SSEParser) -> Iterato
     """Yield the stream's chunks as text, each as soon as it has arrived."""
     url, headers = f"{base}/rooms/{room}/events", {"Accept": "text/event-stream"}
     if parser.last_id:
-        headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
+        headers["Last-Event-ID"] = parser.last_id.encode()  # resume after it; UTF-8, as browsers
     timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
     try:
         headers.update(bearer(base, user))
@@ -49,12 +49,14 @@ def stream_chunks(base: str, room: str, user: str, parser: SSEParser) -> Iterato
             if response.status_code == 503:  # the server cannot reach Redis: try again later
                 response.raise_for_status()
             SERVER.check_status(response, "text/event-stream")
+            # Always UTF-8, whatever charset the header names, less a byte order mark at the start.
+            response.encoding = "utf-8-sig"
             # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
             # A number would cut chunks into pieces of that size (and, on a body that
             # is not chunked, wait until that many bytes have come); iter_lines holds
             # text back until a newline arrives, so a chunk without one (a word of
             # generated text, say) would wait for the next line. decode_unicode uses the
-            # charset the server named, and keeps a character split across chunks whole.
+            # encoding set above, and keeps a character split across chunks whole.
             yield from response.iter_content(chunk_size=None, decode_unicode=True)
     except requests.ConnectionError as error:
         if parser.retry_ms is not None:  # it was there: `retry:` comes first, even to a quiet room
@@ -66,6 +68,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
     """Yield the room's events; when the stream ends or breaks, resume after the last one."""
     parser, failures = SSEParser(), 0
     while True:
+        parser.reset()  # a new connection starts with no unfinished line or event
         try:
             for text in stream_chunks(base, room, user, parser):
                 for event in parser.feed(text):
@@ -80,7 +83,7 @@ def follow(base: str, room: str, user: str) -> Iterator[Event]:
         if failures > RECONNECTS:
             raise StreamError(f"{problem}, and {RECONNECTS} reconnections failed")
         wait = (parser.retry_ms or 2000) / 1000 * 2 ** (failures - 1)  # twice as long each time
-        print(f"({problem}; resuming after event {parser.last_id or 'none'} in {wait:g}s)")
+        print(f"({problem}; resuming after event {visible(parser.last_id or 'none')} in {wait:g}s)")
         time.sleep(wait)
 
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         where = (base_url(args.url), args.room, args.user)
         if args.say is not None:
-            print(f"sent to {args.room} as {args.user}: id {say(*where, args.say)}")
+            print(f"sent to {args.room} as {args.user}: id {visible(say(*where, args.say))}")
             return 0
         hint = f"(in {args.room} as {args.user}: type a line, Enter posts it; Ctrl-C leaves)"
         print(hint, file=sys.stderr)
@@ -125,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             data = json.loads(event.data)
             if event.type == "message":
                 at = time.strftime("%H:%M:%S", time.localtime(data["time"]))
-                print(f"{at} {data['user']}: {data['text']}", flush=True)
+                print(f"{at} {visible(data['user'])}: {visible(data['text'])}", flush=True)
             else:  # reset: messages were lost; overflow: we fell behind; error: Redis is down
-                print(f"({event.type}: {event.data})", flush=True)
+                print(visible(f"({event.type}: {event.data})"), flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 SERVER = Server(2, "stream_server_multiuser.py")  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
@@ -71,7 +71,8 @@ def stream_user(base: str, user: str, count: int, interval: float, failures: lis
     try:
         for chunk in stream_chunks(f"{base}/stream/{user}", count, interval):
             with print_lock:
-                print(f"[{user}] +{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)
+                text = visible(chunk.rstrip())  # from the network: no control character goes out
+                print(f"[{user}] +{time.monotonic() - started:.2f}s  {text}", flush=True)
     except StreamError as error:
         failures.append(user)
         with print_lock:

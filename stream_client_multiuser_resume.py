@@ -22,7 +22,7 @@ import jwt
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs, visible
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -66,9 +66,14 @@ def stream_chunks(
             # text back until a newline arrives, so a chunk without one (a word of
             # generated text, say) would wait for the next line. decode_unicode uses the
             # charset the server named, and keeps a character split across chunks whole.
-            # Here that wait is what we want: a line of JSON is of use only whole.
-            for text in response.iter_lines(chunk_size=None, decode_unicode=True):
-                yield json.loads(text)
+            # Here a line of JSON is of use only whole, and iter_lines would also hand over
+            # a last line cut off by the end of the body: we split the lines ourselves.
+            pending = b""
+            for chunk in response.iter_content(chunk_size=None):
+                *lines, pending = (pending + chunk).split(b"\n")
+                yield from map(json.loads, lines)
+            if pending:  # no newline at its end: the stream stopped in the middle of it
+                raise Interrupted("the stream stopped in the middle of a line")
     except requests.exceptions.ChunkedEncodingError:
         raise Interrupted("the connection was lost") from None
     except (requests.ConnectionError, requests.Timeout) as error:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         params = {"count": args.count, "interval": args.interval}
         for message in follow(base, tokens, params, verify):
-            print(f"+{time.monotonic() - started:.2f}s  {message['text']}", flush=True)
+            print(f"+{time.monotonic() - started:.2f}s  {visible(message['text'])}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

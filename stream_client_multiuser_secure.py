@@ -19,7 +19,7 @@ import jwt
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs, visible
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in stream_chunks(f"{base}/stream", token, args.count, args.interval, verify):
             chunks += 1
             size += len(chunk.encode())
-            print(f"+{time.monotonic() - started:.2f}s  {chunk.rstrip()}", flush=True)
+            print(f"+{time.monotonic() - started:.2f}s  {visible(chunk.rstrip())}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import requests
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, visible
 
 SERVER = Server(4, "stream_server_sse.py")  # named in the error messages
 # The read timeout is the longest silence allowed between two chunks, not a limit
@@ -34,19 +34,22 @@ class SSEParser:
     def __init__(self) -> None:
         self.last_id = ""  # what to send as Last-Event-ID when reconnecting
         self.retry_ms: int | None = None  # how long the server asks us to wait before that
-        self._pending, self._type, self._data = "", "", []  # a line and an event, both unfinished
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: nothing unfinished on the last one (a line, an event) carries over."""
+        self._pending, self._type, self._data, self._cr, self._id = "", "", [], False, self.last_id
 
     def feed(self, text: str) -> list[Event]:
-        self._pending += text
-        # A CR at the very end may be the first half of a CRLF: keep it for the next piece.
-        held = "\r" if self._pending.endswith("\r") else ""
-        *lines, rest = LINE_END.split(self._pending.removesuffix(held))
-        self._pending = rest + held
+        skip = self._cr and text.startswith("\n")  # a CRLF cut in two: its CR ended the line
+        self._cr = text.endswith("\r") or (self._cr and not text)
+        *lines, self._pending = LINE_END.split(self._pending + text[skip:])
         return [event for line in lines if (event := self._line(line))]
 
     def _line(self, line: str) -> Event | None:
         if not line:  # a blank line ends the event
-            data, kind = self._data, self._type or "message"
+            # Only now is its id the last one seen: an event cut off by a drop was never seen.
+            self.last_id, data, kind = self._id, self._data, self._type or "message"
             self._data, self._type = [], ""
             return Event(kind, "\n".join(data), self.last_id) if data else None
         name, _, value = line.partition(":")  # a comment (": keep-alive") has no name: ignored
@@ -56,7 +59,7 @@ class SSEParser:
         elif name == "event":
             self._type = value
         elif name == "id" and "\0" not in value:
-            self.last_id = value
+            self._id = value  # the event's id: last_id once the event is dispatched
         elif name == "retry" and value.isascii() and value.isdigit():
             self.retry_ms = int(value)
 
@@ -65,18 +68,20 @@ def stream_chunks(url: str, params: dict, parser: SSEParser) -> Iterator[str]:
     """Yield the stream's chunks as text, each as soon as it has arrived."""
     headers = {"Accept": "text/event-stream"}
     if parser.last_id:
-        headers["Last-Event-ID"] = parser.last_id  # resume right after the last event seen
+        headers["Last-Event-ID"] = parser.last_id.encode()  # resume after it; UTF-8, as browsers
     timeout = (3.05, READ_TIMEOUT)  # (connect, read) in seconds
     try:
         # stream=True: return once the headers are in, leaving the body unread.
         with requests.get(url, params, headers=headers, stream=True, timeout=timeout) as response:
             SERVER.check_status(response, "text/event-stream")
+            # Always UTF-8, whatever charset the header names, less a byte order mark at the start.
+            response.encoding = "utf-8-sig"
             # chunk_size=None hands over each HTTP chunk whole, the moment it arrives.
             # A number would cut chunks into pieces of that size (and, on a body that
             # is not chunked, wait until that many bytes have come); iter_lines holds
             # text back until a newline arrives, so a chunk without one (a word of
             # generated text, say) would wait for the next line. decode_unicode uses the
-            # charset the server named, and keeps a character split across chunks whole.
+            # encoding set above, and keeps a character split across chunks whole.
             yield from response.iter_content(chunk_size=None, decode_unicode=True)
     except requests.ConnectionError as error:
         if parser.last_id:  # events came from this server: follow() reconnects
@@ -88,6 +93,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
     """Yield the events of one stream until its `end` event, reconnecting as EventSource does."""
     parser, failures = SSEParser(), 0
     while True:
+        parser.reset()  # a new connection starts with no unfinished line or event
         try:
             for text in stream_chunks(url, params, parser):
                 for event in parser.feed(text):
@@ -102,7 +108,7 @@ def follow(url: str, params: dict) -> Iterator[Event]:
         if failures > RECONNECTS:
             raise StreamError(f"{problem}, and {RECONNECTS} reconnections failed")
         wait = (parser.retry_ms or 2000) / 1000
-        print(f"({problem}; resuming after event {parser.last_id or 'none'} in {wait:g}s)")
+        print(f"({problem}; resuming after event {visible(parser.last_id or 'none')} in {wait:g}s)")
         time.sleep(wait)
 
 
@@ -120,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for event in follow(f"{base_url(args.url)}/{path}", params):
-            if event.type == "token":
-                print(event.data, end="", flush=True)  # words join into the text as they come
+            if event.type == "token":  # words join into the text as they come
+                print(visible(event.data), end="", flush=True)
                 continue
             if event.type == "end" and args.tokens:
                 print()  # finish the line of words
-            what = "end" if event.type == "end" else f"#{event.id} {event.type}"
-            print(f"+{time.monotonic() - started:.2f}s  {what}: {event.data}", flush=True)
+            what = "end" if event.type == "end" else visible(f"#{event.id} {event.type}")
+            print(f"+{time.monotonic() - started:.2f}s  {what}: {visible(event.data)}", flush=True)
     except StreamError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ import websocket
 from urllib3.exceptions import ProtocolError  # requests is built on urllib3
 
 # One line for each thing that can go wrong, never a traceback, shared: see client_errors.py.
-from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs
+from client_errors import DEFAULT_URL, Server, StreamError, base_url, ca_certs, visible
 
 # Named in the error messages. It refuses a bad token with a 401 that says why, as it refuses
 # bad input with a 400; and it may speak HTTPS, so the client says when the schemes differ.
@@ -101,7 +101,7 @@ def command_message(line: str) -> str:
 
 def say(started: float, text: str) -> None:
     with print_lock:  # print() writes the text and the newline apart: two lines could mix
-        print(f"+{time.monotonic() - started:.2f}s  {text}", flush=True)
+        print(f"+{time.monotonic() - started:.2f}s  {visible(text)}", flush=True)
 
 
 def send_commands(ws: websocket.WebSocket, lines: Iterable[str], every: float, started) -> None:

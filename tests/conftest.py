@@ -17,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from werkzeug.serving import make_server
 
-from helpers import WAIT
+from helpers import WAIT, Answer, ScriptedServer
 from services import CHROMEDRIVER, CHROMIUM, Gunicorn, Nginx, RedisServer, require
 
 
@@ -50,6 +50,21 @@ def serve() -> Iterator[Callable[..., str]]:
         server.shutdown()
         server.server_close()
         thread.join(WAIT)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[dict[str, list[Answer]]], ScriptedServer]]:
+    """Start servers on bare sockets that send scripted bytes (see helpers.ScriptedServer):
+    scripted({path: [Answer, ...]}) gives a running one; all stop when the test ends."""
+    servers: list[ScriptedServer] = []
+
+    def start(answers: dict[str, list[Answer]]) -> ScriptedServer:
+        servers.append(ScriptedServer(answers))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 class Gate:

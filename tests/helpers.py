@@ -9,8 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
@@ -173,3 +176,100 @@ def next_of_type(ws, kind: str) -> dict:
     while (message := receive(ws))["type"] != kind:
         assert message["type"] == "chunk", message
     return message
+
+
+# A server on a bare socket, for answers that no framework would send: a stream cut in the
+# middle of an event or a line, a byte order mark, a charset that lies.
+
+
+@dataclass
+class Answer:
+    """One scripted answer: its body written piece by piece as given, chunked unless told not
+    to be; complete=False drops the connection before the body's end (no final chunk). With
+    `hold`, the server waits for it to be set before that end: a browser's fetch() loses what
+    it has not read yet when the connection drops."""
+
+    pieces: list[bytes]
+    content_type: str = "text/event-stream"
+    chunked: bool = True
+    complete: bool = True
+    status: str = "200 OK"
+    hold: threading.Event | None = None
+
+    def head(self) -> bytes:
+        length = "Transfer-Encoding: chunked" if self.chunked else (
+            f"Content-Length: {sum(map(len, self.pieces))}"
+        )
+        return (
+            f"HTTP/1.1 {self.status}\r\nContent-Type: {self.content_type}\r\n{length}\r\n"
+            "Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+        ).encode()
+
+
+class ScriptedServer:
+    """Answers each request to a path with the next of the answers scripted for that path (the
+    last one again once they run out), each on a connection of its own, and keeps every
+    request's target and headers (as bytes, names in lower case) in `requests[path]`."""
+
+    def __init__(self, answers: dict[str, list[Answer]]) -> None:
+        self.answers = {path: list(scripted) for path, scripted in answers.items()}
+        self.requests: dict[str, list[dict[bytes, bytes]]] = defaultdict(list)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._connections: set[socket.socket] = set()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._sock.accept()
+            except OSError:  # closed: the test is over
+                return
+            self._connections.add(connection)
+            thread = threading.Thread(target=self._answer, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            connection.settimeout(WAIT)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                if not (data := connection.recv(65536)):
+                    return
+                received += data
+            head, _, body = received.partition(b"\r\n\r\n")
+            request_line, *lines = head.split(b"\r\n")
+            target = request_line.split(b" ")[1]
+            headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(b":") for line in lines)
+            }
+            length = int(headers.get(b"content-length", b"0"))
+            while len(body) < length and (data := connection.recv(65536)):
+                body += data  # read whole, so that closing the socket does not reset it
+            path = target.split(b"?")[0].decode()
+            self.requests[path].append({b":target": target, **headers})
+            if scripted := self.answers.get(path):
+                answer = scripted.pop(0) if len(scripted) > 1 else scripted[0]
+            else:
+                answer = Answer([b"no such path"], "text/plain", False, status="404 Not Found")
+            connection.sendall(answer.head())
+            for piece in answer.pieces:
+                framed = b"%x\r\n%s\r\n" % (len(piece), piece) if answer.chunked else piece
+                connection.sendall(framed)
+            if answer.hold:
+                answer.hold.wait(WAIT)
+            if answer.chunked and answer.complete:
+                connection.sendall(b"0\r\n\r\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(), which close() alone does not
+        self._sock.close()
+        for connection in list(self._connections):  # one a browser opened ahead, say
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(WAIT)

@@ -54,7 +54,7 @@ def test_parser_gives_the_same_events_one_character_at_a_time():
     assert parse_in_pieces(TRICKY, list(range(1, len(TRICKY)))) == EXPECTED
 
 
-def test_a_cr_at_the_end_of_a_piece_waits_to_see_whether_lf_follows():
+def test_a_crlf_cut_between_its_cr_and_its_lf_is_one_line_end():
     parser = SSEParser()
     assert parser.feed("data: a\r") == []
     assert parser.feed("\ndata: b\r\n") == []  # "\r" + "\n" was one line end, not two
