@@ -34,7 +34,8 @@ from serving import RequestHandler
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
-app.config["EVERY"] = 1.0  # seconds between two samples: --every
+# Seconds between two samples: --every, or DASHBOARD_EVERY=0.5 gunicorn ... where no flags are.
+app.config["EVERY"] = os.environ.get("DASHBOARD_EVERY", "1")
 
 MIN_EVERY = 0.05
 MAX_INTERVAL = 60
@@ -68,7 +69,7 @@ class Sampler:
         psutil.cpu_percent()  # the first call only starts the count: it measures from here
         sent, received, then = *psutil.net_io_counters()[:2], time.monotonic()
         while self.running:
-            sleep(self.every)
+            sleep(max(0.0, then + self.every - time.monotonic()))  # the reading takes time too
             now, counters = time.monotonic(), psutil.net_io_counters()
             sample = {
                 "time": round(time.time(), 3),  # Unix seconds: when, for every viewer alike
@@ -115,7 +116,10 @@ def sampler() -> Sampler:
     """This process's one Sampler, started on first use: under gunicorn, one in each worker."""
     with SAMPLER_LOCK:
         if "dashboard" not in app.extensions:
-            app.extensions["dashboard"] = Sampler(app.config["EVERY"])
+            every = float(app.config["EVERY"])
+            if not MIN_EVERY <= every <= MAX_INTERVAL:  # "nan" fails this too
+                raise ValueError(f"every must be from {MIN_EVERY} to {MAX_INTERVAL} seconds")
+            app.extensions["dashboard"] = Sampler(every)
         return app.extensions["dashboard"]
 
 
@@ -222,7 +226,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
-    parser.add_argument("--every", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument("--every", type=float, default=app.config["EVERY"], help="period, in s")
     args = parser.parse_args()
     if not MIN_EVERY <= args.every <= MAX_INTERVAL:  # "nan" fails this too
         parser.error(f"--every must be from {MIN_EVERY} to {MAX_INTERVAL} seconds")

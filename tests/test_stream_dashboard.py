@@ -480,3 +480,21 @@ def test_screenshot_of_the_page(browser, tmp_path):
 def test_help_prints_only_the_help():
     assert only_help("stream_server_dashboard.py")
     assert only_help("stream_client_dashboard.py")
+
+
+# Under gunicorn, where there are no flags
+
+
+def test_under_gunicorn_the_period_comes_from_the_environment(gunicorn):
+    served = gunicorn("stream_server_dashboard", "gevent", env={"DASHBOARD_EVERY": "0.05"})
+    with closing(Viewer(served.url)) as watching:
+        assert watching.ids(2)[1] > 1
+    status = requests.get(f"{served.url}/status", timeout=WAIT).json()
+    assert status["every"] == 0.05 and status["samples_taken"] >= 2
+
+
+def test_under_gunicorn_a_bad_period_is_refused_with_its_reason_in_the_log(gunicorn):
+    served = gunicorn("stream_server_dashboard", "gevent", env={"DASHBOARD_EVERY": "0"})
+    response = requests.get(f"{served.url}/status", timeout=WAIT)
+    assert response.status_code == 500 and "error" in response.json()  # no traceback to clients
+    served.wait_for_line(r"ValueError: every must be from 0.05 to 60 seconds")
