@@ -92,17 +92,15 @@ def sample_of(event: Event) -> dict | None:
 def line(number: str, sample: dict) -> str:
     """One sample as one line of text: for --once, and for the table's title."""
     at = time.strftime("%H:%M:%S", time.localtime(sample["time"]))
-    return (
-        f"#{number} {at}  cpu {sample['cpu_percent']:5.1f}%  mem {sample['memory_percent']:5.1f}%"
-        f"  net up {sample['bytes_sent_per_s'] / 1000:,.1f} kB/s"
-        f" down {sample['bytes_recv_per_s'] / 1000:,.1f} kB/s  viewers {sample['viewers']}"
-    )
+    cpu, memory, viewers = sample["cpu_percent"], sample["memory_percent"], sample["viewers"]
+    text = f"#{number} {at}  cpu {cpu:5.1f}%  mem {memory:5.1f}%"
+    text += f"  net up {sample['bytes_sent_per_s'] / 1000:,.1f} kB/s"
+    return text + f" down {sample['bytes_recv_per_s'] / 1000:,.1f} kB/s  viewers {viewers}"
 
 
 def table(number: str, samples: deque) -> Table:
     """The newest values, and a sparkline of each over the samples kept."""
-    recent = Column("recent samples", min_width=samples.maxlen)
-    view = Table("measure", "now", recent, title=line(number, samples[-1]))
+    view = Table("measure", "now", Column("history", min_width=60), title=line(number, samples[-1]))
     for name in FIELDS:
         values = [sample[name] for sample in samples]
         top = 100 if name.endswith("percent") else max(*values, 1)  # rates: to their peak
@@ -133,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130  # Ctrl-C: stop quietly, the usual exit status for it
+    except BrokenPipeError:  # --once | head: the reader has enough, so stop quietly too
+        sys.stdout = None  # or Python would fail again, flushing it at exit
     return 0
 
 

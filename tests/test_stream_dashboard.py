@@ -393,6 +393,23 @@ def test_client_reconnects_after_a_server_restart(tmp_path):
         stop_step(server_process)
 
 
+def test_client_once_stops_quietly_when_its_pipe_closes(tmp_path):
+    port = free_port()
+    every = ("--every", "0.05")
+    server_process = run_step("stream_server_dashboard.py", tmp_path / "log", port, *every)
+    command = [sys.executable, "stream_client_dashboard.py", "--once"]
+    command += ["--url", f"http://127.0.0.1:{port}"]
+    try:  # what `| head -2` does: read two lines, then close the pipe
+        shown = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert [shown.stdout.readline()[:1] for _ in range(2)] == [b"#", b"#"]
+        shown.stdout.close()
+        assert shown.wait(WAIT) == 0
+        assert shown.stderr.read() == b""  # no traceback
+        shown.stderr.close()
+    finally:
+        stop_step(server_process)
+
+
 # The page, in headless Chromium
 
 
