@@ -29,6 +29,7 @@ from helpers import (
     save_screenshot,
     stop_step,
     wait_in_page,
+    wait_until,
 )
 from stream_client_sse import Event, SSEParser
 
@@ -184,9 +185,12 @@ def test_status_counts_viewers_in_and_out(base, gated, viewer):
     watching.next()
     assert requests.get(f"{base}/status", timeout=WAIT).json()["viewers"] == 1
     watching.close()
-    take(gated)  # the server finds out the viewer left when it writes to it
-    take(gated)
-    assert requests.get(f"{base}/status", timeout=WAIT).json()["viewers"] == 0
+
+    def counted_out() -> bool:  # the server finds out the viewer left when it writes to it
+        take(gated)
+        return requests.get(f"{base}/status", timeout=WAIT).json()["viewers"] == 0
+
+    wait_until(counted_out)
 
 
 # Stalled viewers cost nothing
@@ -209,17 +213,17 @@ def test_100_stalled_viewers_neither_delay_another_nor_grow_memory(base, gated, 
             stack.enter_context(stalled(base))
         reader = viewer()
         assert reader.ids(1) == [1]
+        wait_until(lambda: requests.get(f"{base}/status", timeout=WAIT).json()["viewers"] == 101)
         for number in range(2, 52):  # a warm-up, for the threads' stacks and Python's free lists
             take(gated)
             assert reader.ids(1) == [number]
         before = psutil.Process().memory_info().rss
-        # 1,000 samples (10 s at --every 0.01): the reader gets each one before the next is
-        # taken, so its gaps are the sampler's; the stalled ones hold the server up nowhere.
+        # 1,000 samples (50 s of stalling at --every 0.05): the reader gets each one before the
+        # next is taken, so its gaps are the sampler's; the stalled ones hold the server up nowhere.
         for number in range(52, 1052):
             take(gated)
             assert reader.ids(1) == [number]
         growth = psutil.Process().memory_info().rss - before
-        assert requests.get(f"{base}/status", timeout=WAIT).json()["viewers"] == 101
     # Queued for 100 viewers, 1,000 samples of ~190 bytes would be 19 MB.
     assert growth < 4_000_000, growth
 
