@@ -32,6 +32,11 @@ KNOWN_MISSES = {
     "dispatched, a new connection drops the unfinished line and event, always UTF-8) (#20)",
     ("size", "stream_client_chat.py"): "143: step 4's stream_chunks and follow() carried with "
     "those reconnection rules (#20), beside the posting of messages",
+    ("diff", "stream_server_dashboard.py"): "-97: step 4's two feeds (/events/<user_id> and "
+    "/tokens), the generator that counts a stream out, pause() and the per-user tracker are what "
+    "one sampler for every viewer replaces",
+    ("diff", "stream_client_dashboard.py"): "-54: step 4's SSEParser is imported (a copy passes "
+    "140 lines), and main's printing of each event becomes the table redrawn in place",
     ("size", "stream_client_websocket.py"): "168: step 3's lines it still needs, plus the "
     "handshake, the reader and the command thread",
     ("size", "stream_client_multiuser_resume.py"): "192: step 6's client (140) carried whole, "
