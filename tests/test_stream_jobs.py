@@ -9,9 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import redis
 import requests
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 import jobs
 import stream_client_jobs as jobs_client
@@ -21,8 +25,11 @@ from helpers import (
     TEST_KEY,
     WAIT,
     bearer,
+    free_port,
     only_help,
+    save_screenshot,
     token_for,
+    wait_in_page,
     wait_until,
 )
 from stream_client_sse import SSEParser
@@ -373,8 +380,6 @@ def test_client_says_what_is_wrong_in_one_line(base, capsys, argv, error):
 
 
 def test_client_names_the_server_to_start(capsys):
-    from helpers import free_port
-
     assert jobs_client.main(["--url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert capsys.readouterr().err.endswith("is the server running? Start it with: "
                                             "python stream_server_jobs.py\n")
@@ -508,3 +513,160 @@ def test_job_settings_come_from_the_environment():
                             text=True, timeout=WAIT)
     assert result.stdout == "7.0 90\n"
 
+
+
+# The docs' deployment: an RQ worker, gunicorn with two workers, nginx in front; the page in
+# headless Chromium
+
+# Put in every page before its own script: keeps the id of each event that any EventSource
+# of the page gets, and each URL it opens, for the test to compare.
+RECORDER = """
+window.seen = [];
+window.opened = [];
+const Original = window.EventSource;
+window.EventSource = class extends Original {
+  constructor(url, options) {
+    super(url, options);
+    window.opened.push(String(url));
+    for (const type of ["progress", "end"]) {
+      this.addEventListener(type, (event) => window.seen.push(event.lastEventId));
+    }
+  }
+};
+"""
+
+
+@pytest.fixture
+def deployed(redis_url, rq_worker, gunicorn, nginx):
+    """The step as docs/11-jobs.md deploys it; restart() starts gunicorn again on its port."""
+    port = free_port()
+    env = {"REDIS_URL": redis_url, "JOBS_RECORD_SECONDS": "0.02"}
+
+    def restart():
+        return gunicorn("stream_server_jobs", workers=2, extra=["-b", f"127.0.0.1:{port}"],
+                        env=env)
+
+    worker, app = rq_worker(redis_url), restart()
+    proxy = nginx(port)
+    store = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield SimpleNamespace(worker=worker, app=app, url=proxy.url, restart=restart, redis=store)
+    store.close()
+
+
+@pytest.fixture
+def page(browser):
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORDER})
+    yield browser
+    browser.get("about:blank")  # leaves the job: its stream closes
+
+
+def seen(page) -> list[str]:
+    return page.execute_script("return window.seen")
+
+
+def status(page) -> str:
+    return page.find_element(By.ID, "status").text
+
+
+def started(page, url: str, count: int = 10_000, user: str = "Alice") -> str:
+    """Start a job from the page; its id, once the page shows its first event."""
+    page.get(url)
+    for element_id, value in (("user", user), ("count", str(count))):
+        field = page.find_element(By.ID, element_id)
+        field.clear()
+        field.send_keys(value)
+    page.find_element(By.ID, "start").click()
+    wait_in_page(page, lambda: len(seen(page) or []) >= 3, "the first events")
+    query = dict(part.split("=") for part in page.current_url.split("?")[1].split("&"))
+    assert query["user"] == user
+    return query["job"]
+
+
+def cancelled(page) -> None:
+    page.find_element(By.ID, "cancel").click()
+    wait_in_page(page, lambda: status(page).startswith("cancelled: job"), "the end: cancelled")
+
+
+def stored(deployed, job_id: str) -> list[str]:
+    return [event_id for event_id, _ in deployed.redis.xrange(f"job:{job_id}:events")]
+
+
+def test_a_reload_follows_the_job_again_with_exact_event_ids(deployed, page):
+    job_id = started(page, deployed.url)
+    before = seen(page)
+    page.refresh()  # the job id is in the address bar
+    wait_in_page(page, lambda: len(seen(page)) > len(before), "the events again, and new ones")
+    cancelled(page)
+    ids = stored(deployed, job_id)
+    assert seen(page) == ids  # after the reload: the history, then live, each once
+    assert before == ids[: len(before)]
+    assert page.find_element(By.ID, "job").text == f"job {job_id}"
+
+
+def test_the_page_resumes_when_the_worker_serving_it_is_killed(deployed, page):
+    job_id = started(page, deployed.url)
+    line = deployed.app.wait_for_line(rf"a viewer of job {job_id} \(pid (\d+)\) started")
+    os.kill(int(line.group(1)), signal.SIGKILL)
+    before = len(seen(page))
+    # EventSource reconnects by itself, with Last-Event-ID, through nginx to a live worker.
+    deployed.app.wait_for_line(rf"a viewer of job {job_id} \(pid \d+\) started after event \d")
+    wait_in_page(page, lambda: len(seen(page)) > before + 3, "events after the kill")
+    cancelled(page)
+    assert seen(page) == stored(deployed, job_id)  # no gap, no duplicate
+
+
+def test_a_gunicorn_restart_mid_job_leaves_the_job_running(deployed, page):
+    job_id = started(page, deployed.url)
+    deployed.app.stop()  # SIGTERM: gunicorn's graceful stop, as a deploy does it
+    done = int(deployed.redis.hget(f"job:{job_id}", "done"))
+    # nginx answers 502 while no gunicorn listens: EventSource gives up, the page does not.
+    wait_in_page(page, lambda: status(page).startswith("the server is away"), "the retries")
+    wait_until(lambda: int(deployed.redis.hget(f"job:{job_id}", "done")) > done + 10)
+    deployed.restart()
+    # nginx gives an instance that refused fail_timeout (10 s) before it tries it again; the
+    # page's back-off (1, 2, 4, 8 s...) finds it back after that.
+    WebDriverWait(page, 3 * WAIT, poll_frequency=0.05).until(
+        lambda _: status(page) == f"running: job {job_id}", message=f"still {status(page)!r}"
+    )
+    assert any("?last_event_id=" in url for url in page.execute_script("return window.opened"))
+    cancelled(page)
+    assert seen(page) == stored(deployed, job_id)
+
+
+def test_two_tabs_watch_one_job(deployed, page):
+    job_id = started(page, deployed.url)
+    first = page.current_window_handle
+    page.switch_to.new_window("tab")
+    page.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORDER})
+    page.get(f"{deployed.url}/?job={job_id}&user=Alice")
+    wait_in_page(page, lambda: len(seen(page) or []) >= 3, "the second tab's events")
+    cancelled(page)
+    second = seen(page)
+    page.close()
+    page.switch_to.window(first)
+    wait_in_page(page, lambda: status(page).startswith("cancelled: job"), "the first tab's end")
+    assert seen(page) == second == stored(deployed, job_id)
+
+
+def test_a_page_that_is_left_frees_its_server_thread_at_once(deployed, page):
+    job_id = started(page, deployed.url)
+    page.get("about:blank")
+    deployed.app.wait_for_line(rf"a viewer of job {job_id} \(pid \d+\) ended")
+    assert deployed.redis.hget(f"job:{job_id}", "state") == "running"  # the job goes on
+    requests.post(f"{deployed.url}/jobs/{job_id}/cancel", headers=bearer(token_for("Alice")),
+                  timeout=WAIT)
+
+
+def test_another_users_job_is_not_shown(deployed, page):
+    job_id = started(page, deployed.url, count=10)
+    page.get(f"{deployed.url}/?job={job_id}&user=Bob")
+    wait_in_page(page, lambda: status(page) == "no such job (or not yours)", "the refusal")
+
+
+def test_screenshot_of_the_page(deployed, page):
+    """For people to look at (test-artifacts/jobs_page.png): a job under way, some failed."""
+    job_id = started(page, deployed.url, count=200)
+    wait_in_page(page, lambda: len(seen(page)) >= 120, "more than half of the job")
+    assert save_screenshot(page, "jobs_page.png")
+    requests.post(f"{deployed.url}/jobs/{job_id}/cancel", headers=bearer(token_for("Alice")),
+                  timeout=WAIT)
