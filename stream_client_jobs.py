@@ -3,7 +3,6 @@
 Start the server first (python stream_server_jobs.py), then:
 
     python stream_client_jobs.py                      # start a job of 200 records, and watch it
-    python stream_client_jobs.py --count 50 --user Bob
     python stream_client_jobs.py --job ID             # follow a job again (Ctrl-C stops watching)
     python stream_client_jobs.py --job ID --cancel    # cancel it
 """
@@ -32,6 +31,8 @@ RECONNECTS = 5  # attempts in a row before giving up
 def bearer(url: str, user: str) -> dict:
     """A freshly minted token for each request: here they are free (step 3's demo minting)."""
     minted = requests.post(f"{url}/generate_token", json={"user_id": user}, timeout=10)
+    if minted.status_code in (502, 503):  # a proxy whose server is away: follow() tries again
+        minted.raise_for_status()
     SERVER.check_status(minted, "application/json")
     return {"Authorization": f"Bearer {minted.json()['access_token']}"}
 
@@ -93,8 +94,8 @@ def post(url: str, path: str, user: str, **body) -> dict:
         posted = requests.post(path, json=body, headers=headers, timeout=10)
     except requests.ConnectionError as error:
         raise SERVER.cannot_connect(url, error) from None
-    except requests.RequestException as error:  # a timeout
-        raise StreamError(f"{url} did not answer in time ({error})") from None
+    except requests.RequestException as error:  # a timeout, or a proxy's 502 as above
+        raise StreamError(f"{url} did not answer ({error})") from None
     SERVER.check_status(posted, "application/json")
     return posted.json()
 
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print()  # off the progress line
         return 130  # Ctrl-C: stop quietly, the usual exit status for it
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import redis
 import requests
+from flask import abort
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -383,6 +384,27 @@ def test_client_names_the_server_to_start(capsys):
     assert jobs_client.main(["--url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert capsys.readouterr().err.endswith("is the server running? Start it with: "
                                             "python stream_server_jobs.py\n")
+
+
+def test_client_tries_again_when_a_proxy_answers_502(base, monkeypatch, capsys):
+    job_id = start(base, count=3)
+    Viewer(base, job_id).wait()
+    mint, calls = server.app.view_functions["tokens.generate_token"], []
+
+    def once_502():  # what nginx answers while gunicorn restarts
+        calls.append(1)
+        if len(calls) == 1:
+            abort(502, "no app instance answered: try again in a moment")
+        return mint()
+
+    monkeypatch.setitem(server.app.view_functions, "tokens.generate_token", once_502)
+    waits: list[float] = []
+    monkeypatch.setattr(jobs_client, "time", SimpleNamespace(sleep=waits.append))
+    assert jobs_client.main(["--url", base, "--user", "Alice", "--job", job_id]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("\n(the server is not there, or cannot reach Redis; resuming after "
+                          "event none in 2s)\n")
+    assert out.endswith(f"job {job_id}: done\n") and waits == [2]
 
 
 def test_client_shows_no_control_character_from_the_server(monkeypatch, capsys):
