@@ -83,7 +83,7 @@ def follow(base: str, job: str, user: str) -> Iterator[Event]:
         if failures > RECONNECTS:
             raise StreamError(f"{problem}, and {RECONNECTS} reconnections failed")
         wait = (parser.retry_ms or 2000) / 1000 * 2 ** (failures - 1)  # twice as long each time
-        print(f"\n({problem}; resuming after event {parser.last_id or 'none'} in {wait:g}s)")
+        print(f"\r{'':60}\r({problem}; resuming after {parser.last_id or 'none'} in {wait:g}s)")
         time.sleep(wait)
 
 

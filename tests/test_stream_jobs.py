@@ -402,8 +402,8 @@ def test_client_tries_again_when_a_proxy_answers_502(base, monkeypatch, capsys):
     monkeypatch.setattr(jobs_client, "time", SimpleNamespace(sleep=waits.append))
     assert jobs_client.main(["--url", base, "--user", "Alice", "--job", job_id]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("\n(the server is not there, or cannot reach Redis; resuming after "
-                          "event none in 2s)\n")
+    assert out.startswith(f"\r{'':60}\r(the server is not there, or cannot reach Redis; "
+                          "resuming after none in 2s)\n")
     assert out.endswith(f"job {job_id}: done\n") and waits == [2]
 
 
