@@ -124,11 +124,11 @@ def last_event_id() -> str | None:
 
 
 def current_user() -> str:
-    """The bearer token's user, or the cookie's: EventSource sends cookies, never headers."""
+    """The bearer token's user; to read, the cookie's: EventSource sends no headers."""
     token = request.cookies.get("access_token")
     # A cookie, unlike ?token=, stays out of access logs; and with SameSite=Strict, the page's
     # own: another site's page cannot have it sent.
-    if token and "Authorization" not in request.headers:
+    if token and request.method == "GET" and "Authorization" not in request.headers:
         return verify(token)["sub"]
     return authenticated_user()
 

@@ -312,6 +312,22 @@ def test_the_events_take_the_token_from_the_pages_cookie(base, client):
     client.set_cookie("access_token", "not-a-token", path="/jobs")
     response = client.get(f"/jobs/{job_id}/events")
     assert (response.status_code, response.json["error"]) == (401, "invalid_token")
+    # Only to read: a POST with the cookie alone, as a forged form would send, changes nothing.
+    client.set_cookie("access_token", token_for("Alice"), path="/jobs")
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 401
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_job_that_breaks_ends_as_failed(base, monkeypatch):
+    def process(number: int, record_seconds: float) -> None:
+        if number == 3:
+            raise RuntimeError("a bug in the job")  # not a record's ValueError: the job's end
+
+    monkeypatch.setattr(jobs, "process", process)
+    job_id = start(base, count=10)
+    events = Viewer(base, job_id).wait()
+    assert [(e.type, json.loads(e.data)) for e in events[2:]] == [("end", {"state": "failed"})]
+    assert (state(base, job_id)["state"], state(base, job_id)["done"]) == ("failed", 2)
 
 
 def test_the_page_is_served(client):
