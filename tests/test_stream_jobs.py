@@ -437,7 +437,7 @@ def test_client_shows_no_control_character_from_the_server(monkeypatch, capsys):
 # A real Redis and a real RQ worker (`rq worker --url "$REDIS_URL" jobs`), the server in this
 # process: JOB_LIVENESS and JOB_TTL as both read them.
 
-LIVENESS, TTL = 2, 600
+LIVENESS, TTL = 4, 600  # seconds: short, and yet long enough for a machine under load
 
 
 @pytest.fixture
@@ -500,15 +500,15 @@ def test_cancel_stops_the_job_in_the_worker(redis_jobs, redis_base):
 
 
 def test_a_job_whose_worker_is_killed_is_lost_and_its_viewers_are_told(redis_jobs, redis_base):
-    _, worker = redis_jobs
+    store, worker = redis_jobs
     rq = worker()
     job_id = start(redis_base, count=10_000)
     viewer = Viewer(redis_base, job_id)
     assert viewer.first.wait(WAIT)
+    # Lost within JOB_LIVENESS: the heartbeat lives half of it, and a viewer looks every half.
+    assert 0 < store.redis.pttl(f"job:{job_id}:alive") <= LIVENESS * 500
     rq.kill()  # SIGKILL to the worker and its work horse: no goodbye
-    killed = time.monotonic()
     assert json.loads(viewer.wait()[-1].data) == {"state": "lost"}
-    assert time.monotonic() - killed <= LIVENESS + 1  # within JOB_LIVENESS, and a margin
     job = state(redis_base, job_id)
     assert job["state"] == "lost" and job["done"] == len(viewer.events) - 1
 
