@@ -37,6 +37,10 @@ KNOWN_MISSES = {
     "one sampler for every viewer replaces",
     ("diff", "stream_client_dashboard.py"): "-54: step 4's SSEParser is imported (a copy passes "
     "140 lines), and main's printing of each event becomes the table redrawn in place",
+    ("diff", "stream_server_jobs.py"): "-111: step 8's rooms (posting, following, presence "
+    "and the Broker) are what the job replaces, and the docstring that describes them",
+    ("diff", "stream_client_jobs.py"): "-44: step 8's typed lines (--say, --room, the thread "
+    "that posts them) are what starting, following and cancelling a job replace",
     ("size", "stream_client_websocket.py"): "168: step 3's lines it still needs, plus the "
     "handshake, the reader and the command thread",
     ("size", "stream_client_multiuser_resume.py"): "192: step 6's client (140) carried whole, "
