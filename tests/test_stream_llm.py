@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import h11
 import httpx
@@ -498,3 +499,57 @@ def test_the_official_client_example_runs(serve, app):
 
 def test_nothing_happens_at_import():
     assert only_help("stream_server_llm.py") and only_help("stream_client_llm.py")
+
+
+# Through deploy/nginx.conf
+
+
+def test_tokens_pass_through_nginx_one_by_one_and_uncompressed(url, nginx, gated):
+    proxy = nginx(port_of(url))
+    headers = {**bearer(token_for("Alice")), "Accept-Encoding": "gzip, deflate, br"}
+    with requests.post(f"{proxy.url}/v1/chat/completions", json=stream_body(), headers=headers,
+                       stream=True, timeout=WAIT) as answer:
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Encoding" not in answer.headers
+        data = events_of(answer)
+        assert json.loads(next(data))["choices"][0]["delta"]["role"] == "assistant"
+        for number in range(2):
+            gated.wait_for_pause()  # the app holds the next token back: the last one came alone
+            gated.let_one_through()
+            assert json.loads(next(data))["choices"][0]["delta"]["content"] == EXPECTED[number]
+        gated.open()
+        assert list(data)[-1] == "[DONE]"
+
+
+def test_a_client_that_leaves_nginx_stops_the_generation(url, nginx, gated):
+    proxy = nginx(port_of(url))
+    before = status(url)["tokens_generated"]
+    with post(proxy.url, stream_body(), stream=True) as answer:
+        data = events_of(answer)
+        next(data)
+        gated.wait_for_pause()
+    gated.open()  # nginx has closed the app's connection: the next token is not generated
+    wait_until(lambda: status(url)["generating"] == 0)
+    assert status(url)["tokens_generated"] - before <= 1
+
+
+# Under gunicorn's gevent worker
+
+
+def test_200_paced_completions_at_once_all_complete_on_one_gevent_worker(gunicorn):
+    env = {"LLM_TOKENS_PER_SECOND": "10", "LLM_DELAY": "0.5"}  # about 2.5 s each
+    app = gunicorn("stream_server_llm", "gevent", workers=1, env=env)
+    results: list[str] = []
+
+    def complete(number: int) -> None:
+        with post(app.url, stream_body(max_tokens=20), user=f"User{number}", stream=True) as a:
+            results.append(list(events_of(a))[-1] if a.status_code == 200 else a.text)
+
+    threads = [threading.Thread(target=complete, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 3)
+    assert results == ["[DONE]"] * 200
+    assert status(app.url)["tokens_generated"] == 200 * 20
