@@ -126,16 +126,20 @@ def open_upstream(url: str, ask: "CompletionRequest") -> requests.Response:
     raise APIError(502, f"the upstream model server failed: {message}", "server_error")
 
 
-def upstream_tokens(pieces: Iterator[bytes]) -> Iterator[str]:
-    """The tokens of an upstream's stream, read with step 4's SSEParser as the pieces come;
-    an APIError (502) if it fails, is cut off or falls silent, or ends before [DONE]."""
+def upstream_tokens(pieces: Iterator[bytes]) -> Iterator[str | None]:
+    """The tokens of an upstream's stream, read with step 4's SSEParser as the pieces come,
+    and None for a piece that brought none (a keep-alive comment, say); an APIError (502) if
+    the stream fails, is cut off or falls silent, or ends before [DONE]."""
     parser, decoder = SSEParser(), codecs.getincrementaldecoder("utf-8")()
     try:
         for piece in pieces:
+            texts = []
             for event in parser.feed(decoder.decode(piece)):
                 if event.data == "[DONE]":
+                    yield from texts
                     return
-                yield from tokens_of(event.data)
+                texts += tokens_of(event.data)
+            yield from texts or [None]
     except requests.RequestException:  # cut off, or silent for the read timeout
         raise APIError(502, "the upstream model server stopped answering",
                        "server_error") from None

@@ -101,33 +101,32 @@ def generation(
     # The generator runs after the view has returned, when Flask's request context
     # is gone: touching `request` here would raise. So the view reads everything it
     # needs and passes plain values in (flask.stream_with_context is the other way).
-    logger.info("%s asked for an answer of up to %d tokens", user_id, planned)
     delivered, name = 0, completions.new_id()
+    ending = "left after %d of %d tokens; generation stopped"  # unless it ends otherwise
     try:
         yield completions.chunk(name, ask, {"role": "assistant", "content": ""})
-        for number, (delay, token) in enumerate(answer, 1):
+        for delay, token in answer:
             yield from pause(delay)  # the model at work
             # Every token costs: stop as soon as nobody reads, not a token later (see Hangup).
             if hangup():
                 return
+            if token is None:  # an upstream still at work: keep this line busy too
+                yield ": keep-alive\n\n"
+                continue
             tracker.generated()
             yield completions.chunk(name, ask, {"content": token})
             # Execution only comes back here once the server has written the chunk.
-            delivered = number
+            delivered += 1
         yield from completions.last_chunks(name, ask, delivered)  # finish, usage, [DONE]
-        planned = delivered
+        ending = "got the whole answer: %d tokens (of at most %d)"
     except APIError as error:  # an upstream that failed: the status line is long gone
-        logger.info("%s's answer failed after %d tokens: %s", user_id, delivered, error)
+        ending = f"lost the upstream ({error.description.replace('%', '%%')}) after %d of %d"
         yield completions.data(completions.error_body(error))
     finally:
         # Runs when the stream ends and also when the client hangs up: Werkzeug
         # closes the generator as soon as writing to the socket fails.
         answer.close()  # a relay hangs up on its upstream, which stops generating too
-        if delivered == planned:
-            logger.info("%s got the whole answer: %d tokens", user_id, delivered)
-        else:
-            what = "%s left after %d of %d tokens; generation stopped"
-            logger.info(what, user_id, delivered, planned)
+        logger.info("%s " + ending, user_id, delivered, planned)
 
 
 def relay(ask: CompletionRequest) -> tuple[Iterator[tuple[float, str]], int]:
@@ -135,9 +134,10 @@ def relay(ask: CompletionRequest) -> tuple[Iterator[tuple[float, str]], int]:
     # Its key, UPSTREAM_API_KEY, goes from here to the upstream only, never to a client.
     upstream = completions.open_upstream(app.config["UPSTREAM"], ask)
 
-    def tokens() -> Iterator[tuple[float, str]]:
+    def tokens() -> Iterator[tuple[float, str | None]]:
         with upstream:  # closed when this generator is: the upstream sees its client leave
             # Each piece the moment it arrives, as step 4's client reads: nothing waits.
+            # A piece with no token in it (a comment, say) is None: see generation().
             for text in completions.upstream_tokens(upstream.iter_content(chunk_size=None)):
                 yield 0.0, text
 
@@ -160,7 +160,7 @@ def chat_completions() -> Response:
             hangup = completions.Hangup(request.environ)  # its socket: read while we may
             response = sse_response(generation(user_id, ask, answer, planned, hangup))
         else:  # the same tokens, gathered: the same text as when streamed
-            text = [token for delay, token in answer if sleep(delay) is None]
+            text = [token for delay, token in answer if sleep(delay) is None and token]
             tracker.generated(len(text))
             response = jsonify(completions.completion(ask, text))
     except BaseException:  # no answer after all

@@ -456,9 +456,8 @@ def test_ctrl_c_in_the_client_stops_the_server(url, monkeypatch, caplog):
         if len(printed) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("builtins.print", print_then_interrupt)
+    monkeypatch.setattr(stream_client_llm, "print", print_then_interrupt, raising=False)
     result = stream_client_llm.main(["--url", url, "--token", token_for("User1"), "hi"])
-    monkeypatch.undo()
     assert result == 130
     assert printed[-1] == ("\n(stopped after 3 tokens)",)
     wait_until(lambda: any("User1 left after" in m for m in caplog.messages))
