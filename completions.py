@@ -99,17 +99,7 @@ def open_upstream(url: str, ask: "CompletionRequest") -> requests.Response:
     body = {"model": ask.model, "messages": ask.messages, "stream": True}
     if ask.max_tokens:  # the older name: llama.cpp, vLLM and Ollama all know it
         body["max_tokens"] = ask.max_tokens
-    key = os.environ.get("UPSTREAM_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        response = requests.post(f"{url}/v1/chat/completions", json=body, headers=headers,
-                                 stream=True, timeout=(3.05, UPSTREAM_TIMEOUT))
-    except requests.Timeout:
-        raise APIError(504, "the upstream model server did not answer in time",
-                       "server_error", code="upstream_timeout") from None
-    except requests.RequestException:
-        raise APIError(502, "the upstream model server cannot be reached",
-                       "server_error", code="upstream_unreachable") from None
+    response = to_upstream("POST", f"{url}/v1/chat/completions", json=body, stream=True)
     if response.ok and response.headers.get("Content-Type", "").startswith("text/event-stream"):
         return response
     with response:
@@ -124,6 +114,36 @@ def open_upstream(url: str, ask: "CompletionRequest") -> requests.Response:
         raise APIError(response.status_code, message, param=error.get("param"),
                        code=error.get("code"))
     raise APIError(502, f"the upstream model server failed: {message}", "server_error")
+
+
+def to_upstream(method: str, url: str, **options) -> requests.Response:
+    """A request to the upstream with its key, UPSTREAM_API_KEY (none if unset: Ollama and a
+    local llama.cpp take none); a 504 if it stays silent, a 502 if it cannot be reached."""
+    key = os.environ.get("UPSTREAM_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        return requests.request(method, url, headers=headers, timeout=(3.05, UPSTREAM_TIMEOUT),
+                                **options)
+    except requests.Timeout:
+        raise APIError(504, "the upstream model server did not answer in time",
+                       "server_error", code="upstream_timeout") from None
+    except requests.RequestException:
+        raise APIError(502, "the upstream model server cannot be reached",
+                       "server_error", code="upstream_unreachable") from None
+
+
+def model_list(upstream: str | None) -> dict:
+    """OpenAI's list of models: the stand-in, or for a gateway the upstream's own list."""
+    if not upstream:
+        return {"object": "list", "data": [MODEL_CARD]}
+    with to_upstream("GET", f"{upstream}/v1/models") as response:
+        try:
+            if response.ok and isinstance(response.json().get("data"), list):
+                return response.json()
+        except (ValueError, AttributeError):
+            pass
+    raise APIError(502, f"the upstream model server answered {response.status_code} for its "
+                   "models", "server_error")
 
 
 def upstream_tokens(pieces: Iterator[bytes]) -> Iterator[str | None]:

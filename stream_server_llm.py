@@ -173,9 +173,9 @@ def chat_completions() -> Response:
 
 @app.get("/v1/models")
 def models() -> Response:
-    """The one model this server serves, in OpenAI's list shape."""
+    """The one model this server serves (a gateway: its upstream's), in OpenAI's list shape."""
     authenticated_user()
-    return jsonify({"object": "list", "data": [completions.MODEL_CARD]})
+    return jsonify(completions.model_list(app.config["UPSTREAM"]))
 
 
 def sse_response(body: Iterator[str]) -> Response:

@@ -318,6 +318,11 @@ def test_a_client_that_leaves_the_gateway_stops_the_upstream(gateway, upstream):
     assert generated["tokens_generated"] < len(EXPECTED)  # it stopped early
 
 
+def test_the_gateway_lists_the_upstreams_models(gateway, upstream):
+    assert [model.id for model in client_for(gateway).models.list()] == [completions.MODEL]
+    assert '"GET /v1/models HTTP/1.1" 200' in upstream[1].read_text()
+
+
 def test_an_unknown_model_at_the_upstream_is_a_404_through_the_gateway(gateway):
     with pytest.raises(openai.NotFoundError):
         client_for(gateway).chat.completions.create(model="gpt-9", messages=PROMPT)
