@@ -127,6 +127,7 @@ def generation(
         # closes the generator as soon as writing to the socket fails.
         answer.close()  # a relay hangs up on its upstream, which stops generating too
         logger.info("%s " + ending, user_id, delivered, planned)
+        tracker.stop(user_id)  # without it, a user who left would count as streaming forever
 
 
 def relay(ask: CompletionRequest) -> tuple[Iterator[tuple[float, str]], int]:
@@ -153,22 +154,19 @@ def chat_completions() -> Response:
     ask = completions.read_request(completions.json_body(), not app.config["UPSTREAM"])
     if not tracker.start(user_id):
         raise completions.too_many(user_id, app.config["AT_ONCE"])
+    streaming = False
     try:
         model = completions.StandInModel(app.config["TOKENS_PER_SECOND"], app.config["DELAY"])
         answer, planned = relay(ask) if app.config["UPSTREAM"] else model.generate(ask)
-        if ask.stream:
-            hangup = completions.Hangup(request.environ)  # its socket: read while we may
-            response = sse_response(generation(user_id, ask, answer, planned, hangup))
-        else:  # the same tokens, gathered: the same text as when streamed
-            text = [token for delay, token in answer if sleep(delay) is None and token]
-            tracker.generated(len(text))
-            response = jsonify(completions.completion(ask, text))
-    except BaseException:  # no answer after all
-        tracker.stop(user_id)
-        raise
-    # The count drops when the server closes the response, even one never read at all.
-    response.call_on_close(lambda: tracker.stop(user_id))
-    return response
+        if ask.stream:  # from here on, generation() counts the stream, and ends the count
+            hangup, streaming = completions.Hangup(request.environ), True  # the request's socket
+            return sse_response(generation(user_id, ask, answer, planned, hangup))
+        text = [token for delay, token in answer if sleep(delay) is None and token]
+        tracker.generated(len(text))  # not streamed: the same tokens, the same text, at once
+        return jsonify(completions.completion(ask, text))
+    finally:
+        if not streaming:
+            tracker.stop(user_id)
 
 
 @app.get("/v1/models")

@@ -247,6 +247,23 @@ def test_a_client_that_leaves_stops_the_generation_within_one_token(url, gated, 
     wait_until(lambda: line in caplog.messages)
 
 
+def test_a_stream_is_uncounted_when_it_ends_even_if_the_server_never_closes_it(app):
+    # Werkzeug's server skips the response's close() when reading what is left of a request
+    # fails, as when a client resets its connection: a count dropped in close() would stay.
+    test_client = app.test_client()
+    answer = test_client.post("/v1/chat/completions", json=stream_body(max_tokens=2),
+                              headers=bearer(token_for()), buffered=False)
+    assert status_of(app)["generating"] == 1
+    for _ in answer.response:  # the whole body, and no close()
+        pass
+    assert status_of(app)["generating"] == 0
+    answer.close()
+
+
+def status_of(app) -> dict:
+    return app.test_client().get("/status", headers=bearer(token_for())).get_json()
+
+
 def test_status_counts_generations_and_tokens(url, gated):
     before = status(url)
     assert set(before) == {"generating", "tokens_generated", "pid"}
@@ -529,13 +546,26 @@ def test_tokens_pass_through_nginx_one_by_one_and_uncompressed(url, nginx, gated
 def test_a_client_that_leaves_nginx_stops_the_generation(url, nginx, gated):
     proxy = nginx(port_of(url))
     before = status(url)["tokens_generated"]
-    with post(proxy.url, stream_body(), stream=True) as answer:
-        data = events_of(answer)
-        next(data)
+    body = json.dumps(stream_body()).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    head += f"Content-Type: application/json\r\nAuthorization: Bearer {token_for()}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as sock:
+        sock.sendall(head.encode() + body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
         gated.wait_for_pause()
-    gated.open()  # nginx has closed the app's connection: the next token is not generated
+        # Reset, not closed: nginx's next write to this client fails at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    # nginx notices that its client has gone when it writes to it: here, the next token.
+    # Then it logs the request and closes its connection to the app.
+    gated.let_one_through()
+    wait_until(lambda: "/v1/chat/completions" in access_log(proxy))
+    gated.open()  # the app sees nginx hang up before the token after it
     wait_until(lambda: status(url)["generating"] == 0)
     assert status(url)["tokens_generated"] - before <= 1
+
+
+def access_log(proxy) -> str:
+    return (proxy.prefix / "logs" / "access.log").read_text()
 
 
 # Under gunicorn's gevent worker
