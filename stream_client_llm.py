@@ -71,17 +71,21 @@ def stream_chunks(url: str, token: str, body: dict, verify: str | bool) -> Itera
         raise StreamError(str(error)) from None
 
 
-def answer_tokens(url: str, token: str, body: dict, verify: str | bool) -> Iterator[dict]:
-    """Yield each chunk object of the answer, until `data: [DONE]`."""
+def answer_tokens(url: str, token: str, body: dict, verify: str | bool) -> Iterator[str]:
+    """Yield each token of the answer the moment it arrives, until `data: [DONE]`."""
     parser = SSEParser()
     for text in stream_chunks(url, token, body, verify):
         for event in parser.feed(text):
             if event.data == "[DONE]":  # the last event: the answer is whole
                 return
-            chunk = json.loads(event.data)
-            if "error" in chunk:  # the server failed once the stream had begun
-                raise StreamError(f"the answer failed: {chunk['error']['message']}")
-            yield chunk
+            try:
+                chunk = json.loads(event.data)
+                if "error" in chunk:  # the server failed once the stream had begun
+                    raise StreamError(f"the answer failed: {chunk['error']['message']}")
+                texts = [choice["delta"].get("content") for choice in chunk["choices"]]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise SERVER.start_it("an event is no chat.completion.chunk:") from None
+            yield from (text for text in texts if text)
     raise StreamError("the stream ended before data: [DONE]: the answer is cut short")
 
 
@@ -114,17 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         base = base_url(args.url)
         token = args.token or mint_token(base, args.user, verify)
         url = f"{base}/v1/chat/completions"
-        for chunk in answer_tokens(url, token, body, verify):
-            for choice in chunk["choices"]:
-                if text := choice["delta"].get("content"):
-                    first = first or time.monotonic()
-                    tokens += 1
-                    print(CONTROL.sub(lambda c: repr(c[0])[1:-1], text), end="", flush=True)
+        for text in answer_tokens(url, token, body, verify):
+            first = first or time.monotonic()
+            tokens += 1
+            print(CONTROL.sub(lambda c: repr(c[0])[1:-1], text), end="", flush=True)
     except StreamError as error:
         print(f"\nerror: {error}" if tokens else f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # leaving the with block above hangs up: the server stops too
-        print(f"\n(stopped after {tokens} tokens)")
+        print(f"\n(stopped after {tokens} token{'s' * (tokens != 1)})")
         return 130  # Ctrl-C: the usual exit status for it
     elapsed = time.monotonic() - (first or started)
     rate = f"{(tokens - 1) / elapsed:.1f} tokens/s" if tokens > 1 and elapsed else "-"

@@ -498,6 +498,25 @@ def test_the_client_says_what_a_refusal_means(url, capsys):
     assert capsys.readouterr().err == "error: server answered 401: the token is malformed\n"
 
 
+def test_the_client_says_when_the_events_are_not_openais(serve, capsys, monkeypatch):
+    import stream_server_sse
+
+    monkeypatch.setattr(stream_server_sse, "sleep", lambda seconds: None)
+    monkeypatch.setattr(stream_client_llm.requests, "post", fake_post(serve(stream_server_sse.app)))
+    assert stream_client_llm.main(["--url", "http://127.0.0.1:1", "--token", "x", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        "error: an event is no chat.completion.chunk: Start it with: python stream_server_llm.py\n"
+    )
+
+
+def fake_post(base: str):
+    """requests.post, sent as a GET to step 4's /tokens: events, but not OpenAI's."""
+    def post(url, **options):
+        options.pop("json")
+        return requests.get(f"{base}/tokens", **options)
+    return post
+
+
 def test_the_client_without_a_server_names_the_one_to_start(capsys):
     assert stream_client_llm.main(["--url", f"http://127.0.0.1:{free_port()}", "hi"]) == 1
     assert "Start it with: python stream_server_llm.py" in capsys.readouterr().err
