@@ -4,7 +4,9 @@ Not a step of its own: stream_server_llm.py imports what it needs from here, so 
 code shows the lesson (a POST that starts a stream of events, generation that stops when
 nobody reads, a relay) and not the details of a JSON format:
 
-    from completions import MODEL, APIError, Hangup, StandInModel, chunk, data, read_request
+    import completions
+    ask = completions.read_request(completions.json_body())     # or 400, 404, 415 in its shape
+    yield completions.chunk(name, ask, {"content": token})        # one event of the stream
 
 - read_request() checks a request body as OpenAI does and answers 400 or 404 in its shape;
 - chunk() and completion() write the objects that OpenAI's clients read;
@@ -226,7 +228,7 @@ def read_request(body: dict, serves_model: bool = True) -> CompletionRequest:
     if stream not in (True, False, None):  # not 1 or "yes": JSON's true and false only
         raise bad("stream must be true or false", "stream")
     options = body.get("stream_options") or {}
-    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    usage = options.get("include_usage", False) if isinstance(options, dict) else "not an object"
     if usage not in (True, False, None):
         raise bad("stream_options must be an object such as {\"include_usage\": true}",
                   "stream_options")

@@ -392,6 +392,7 @@ BAD_BODIES = [
     ({**GOOD, "messages": [PROMPT[0]] * 257}, 400, "messages"),
     ({**GOOD, "stream": "yes"}, 400, "stream"),
     ({**GOOD, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ({**GOOD, "stream_options": "yes"}, 400, "stream_options"),
     ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
     ({**GOOD, "max_tokens": -1}, 400, "max_tokens"),
     ({**GOOD, "max_tokens": "5"}, 400, "max_tokens"),
