@@ -118,6 +118,14 @@ def open_upstream(url: str, ask: "CompletionRequest") -> requests.Response:
     raise APIError(502, f"the upstream model server failed: {message}", "server_error")
 
 
+def base_url(url: str) -> str:
+    """--upstream's base URL, without a trailing / or /v1 (the paths add it); a ValueError
+    unless it is an http(s) URL."""
+    if not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", url):
+        raise ValueError(f"--upstream takes a server's http(s) base URL, not {url!r}")
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def to_upstream(method: str, url: str, **options) -> requests.Response:
     """A request to the upstream with its key, UPSTREAM_API_KEY (none if unset: Ollama and a
     local llama.cpp take none); a 504 if it stays silent, a 502 if it cannot be reached."""

@@ -216,7 +216,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="port to listen on")
     parser.add_argument("--tokens-per-second", type=float, default=20.0, help="the model's pace")
-    parser.add_argument("--first-token-delay", type=float, default=0.5, help="seconds")
+    parser.add_argument("--first-token-delay", type=float, default=0.5, help="seconds before it")
     parser.add_argument("--upstream", help="relay this OpenAI-compatible server (its base URL)")
     parser.add_argument("--cert", help="certificate file (PEM): serve HTTPS only, with --key")
     parser.add_argument("--key", help="the certificate's private key file (PEM)")
@@ -224,6 +224,7 @@ if __name__ == "__main__":
     try:
         context = tls_context(args.cert, args.key)  # None without them: plain HTTP
         completions.StandInModel(args.tokens_per_second, args.first_token_delay)  # or ValueError
+        args.upstream = args.upstream and completions.base_url(args.upstream)
     except ValueError as error:
         parser.error(str(error))
     app.config.update(UPSTREAM=args.upstream, DELAY=args.first_token_delay)

@@ -607,3 +607,22 @@ def test_200_paced_completions_at_once_all_complete_on_one_gevent_worker(gunicor
         thread.join(WAIT * 3)
     assert results == ["[DONE]"] * 200
     assert status(app.url)["tokens_generated"] == 200 * 20
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--upstream", "nonsense"], "--upstream takes a server's http(s) base URL"),
+        (["--tokens-per-second", "0"], "--tokens-per-second takes 0.1 to 10000"),
+        (["--first-token-delay", "-1"], "--first-token-delay 0 to 600"),
+        (["--cert", "missing.pem"], "--cert and --key go together"),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(flags, message):
+    command = [sys.executable, "stream_server_llm.py", *flags]
+    env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=WAIT)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
