@@ -138,8 +138,9 @@ def test_models_lists_the_one_model(url):
         (openai.BadRequestError, {"messages": []}),
         (openai.BadRequestError, {"max_tokens": 0}),
         (openai.NotFoundError, {"model": "gpt-9"}),
+        (openai.APIStatusError, {"messages": [{"role": "user", "content": "x" * 70_000}]}),
     ],
-    ids=["bad key", "no messages", "max_tokens 0", "unknown model"],
+    ids=["bad key", "no messages", "max_tokens 0", "unknown model", "too large"],
 )
 def test_each_error_is_the_official_clients_typed_error(url, error, changes):
     key = changes.pop("api_key", token_for("Alice"))
@@ -314,6 +315,18 @@ def test_the_gateway_relays_the_upstreams_answer_token_by_token(gateway, upstrea
     assert whole.choices[0].message.content == "".join(EXPECTED[:5])
     # The upstream knows the gateway by the token in UPSTREAM_API_KEY.
     assert "gateway got the whole answer: 10 tokens" in upstream[1].read_text()
+
+
+def test_the_gateway_passes_each_token_on_before_the_upstream_has_finished(gateway, upstream):
+    # The upstream takes about 4 s for the whole answer: a gateway that collected it first
+    # would show the first token only after the upstream had logged its end.
+    with post(gateway, stream_body(), stream=True) as answer:
+        data = events_of(answer)
+        next(data)  # the role
+        assert json.loads(next(data))["choices"][0]["delta"]["content"] == EXPECTED[0]
+        assert "gateway got the whole answer" not in upstream[1].read_text()
+        assert list(data)[-1] == "[DONE]"
+    assert "gateway got the whole answer" in upstream[1].read_text()
 
 
 def test_the_upstream_key_never_reaches_a_client(gateway):
