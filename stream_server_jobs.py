@@ -57,6 +57,7 @@ KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # an Idempotency-Key (a UUID, say)
 # A Stream id: milliseconds, then a sequence number. At most 19 digits each stays below
 # 2**64, Redis's limit, so Redis never refuses one that we pass on.
 STREAM_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
+STORE_LOCK = threading.Lock()  # two first requests at once must not both make the store
 
 
 def event(data: str, event_type: str, event_id: str | None = None) -> str:
@@ -66,9 +67,6 @@ def event(data: str, event_type: str, event_id: str | None = None) -> str:
     # A line break inside data would end the field: each line of text gets its own `data:`.
     fields += [f"data: {line}" for line in data.split("\n")]
     return "\n".join(fields) + "\n\n"
-
-
-STORE_LOCK = threading.Lock()
 
 
 def store() -> Jobs:
@@ -100,7 +98,7 @@ def event_stream(name: str, job_id: str, sent: str) -> Iterator[str]:
             events = store().read(job_id, sent, wait_ms)
             for event_id, fields in events:
                 yield event(fields["data"], fields["event"], event_id)
-                sent = event_id
+                sent = event_id  # where this viewer resumes if the connection drops now
                 if fields["event"] == "end":
                     return
             if not events:
@@ -152,6 +150,7 @@ def start_job() -> Response:
         abort(400, f"count must be a whole number from 1 to {app.config['MAX_COUNT']}")
     if key is not None and not KEY.fullmatch(key):
         abort(400, "Idempotency-Key must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    # The worker gets the pace with the job: a worker has no flags of the server's to read.
     running, seconds = app.config["RUNNING"], float(app.config["RECORD_SECONDS"])
     # Only queued here: the answer cannot wait for the work. 202 Accepted says just that.
     if (job_id := store().create(user, count, key, seconds, running)) is None:
@@ -163,6 +162,7 @@ def start_job() -> Response:
 @app.get("/jobs/<job_id>")
 def job_state(job_id: str) -> Response:
     """The job's state and counts, for its owner."""
+    # These fields only: the job's hash holds its user and Idempotency-Key too, no one's business.
     job, fields = owned(job_id), ("state", "done", "total", "failed", "started", "ended")
     return jsonify(id=job_id, **{name: job[name] for name in fields})
 
