@@ -140,6 +140,8 @@ class Server:
         try:
             body = read_json()
             message = body.get("error_description") or body["error"]  # a 401 explains itself
+            if isinstance(message, dict):  # OpenAI's shape (step 9): {"error": {"message"...}}
+                message = message["message"]
         except (ValueError, KeyError, TypeError, AttributeError):
             message = reason
         return StreamError(f"server answered {status}: {visible(message)}")

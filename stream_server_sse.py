@@ -127,8 +127,9 @@ def event_stream(
 
 
 def first_event() -> int:
-    """Where to start: right after the Last-Event-ID that a reconnecting client sends."""
-    last_id = request.headers.get("Last-Event-ID", "") or "0"
+    """Where to start: right after the Last-Event-ID (or ?last_event_id=) a client sends."""
+    # A client that cannot set the header sends the query: a page whose EventSource gave up.
+    last_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
     # Read here, in the view: a bad id still gets its 400 before the stream begins.
     if not (last_id.isascii() and last_id.isdigit() and len(last_id) <= 7):
         abort(400, "Last-Event-ID must be the id of an event this server sent")

@@ -12,7 +12,11 @@ Three parts, all on 127.0.0.1:
     sending M messages a second for T seconds: two `gunicorn -k gevent -w 1` instances sharing one
     redis-server, one instance with its in-process broker, and the same room on Starlette and
     uvicorn with redis.asyncio: deliveries per second, the latency from each POST's response to
-    each receipt, messages lost and duplicated, the servers' RSS per subscriber.
+    each receipt, messages lost and duplicated, the servers' RSS per subscriber;
+  - dashboard: the dashboard step (step 10) with V viewers (100 and 1,000 by default), one in ten
+    of them reading nothing, on one gevent worker and on two (each worker has its own sampler):
+    the samples each sampler takes a second, the gaps between two samples as the viewers that
+    read get them, the samples they skipped, the servers' RSS per viewer and CPU.
 Then every target is checked in this one run and printed as met or not met with its figure.
 Every load is bounded in count and time, and every process is stopped by the PID it started.
 
@@ -20,6 +24,7 @@ Every load is bounded in count and time, and every process is stopped by the PID
     python bench/bench.py --quick               # everything, small loads: a minute (CI)
     python bench/bench.py --capacity            # only capacity; --capacity 2000,4000 another ladder
     python bench/bench.py --fanout 500,5000 --rate 10 --seconds 10   # only fan-out
+    python bench/bench.py --dashboard 100,1000 --seconds 10          # only the dashboard
     python bench/bench.py --markdown bench/results.md --json bench/results.json --check
     python bench/graphs.py bench/results.json   # the graphs in docs/, from the JSON
 """
@@ -92,6 +97,12 @@ FANOUT_SETUPS = {  # name: command, instances, whether they share a redis-server
     "in-process broker, 1 x gunicorn -k gevent -w 1": (CHAT_GEVENT, 1, False),
     FANOUT_REFERENCE: (CHAT_UVICORN, 2, True),
 }
+# The dashboard: each gunicorn worker runs its own sampler, for its own viewers (step 10).
+DASHBOARD = [*SERVERS[GEVENT][:-1], "-w", "{workers}", "--worker-connections", "{connections}"]
+DASHBOARD += ["--backlog", "{backlog}", "stream_server_dashboard:app"]
+DASHBOARD_SETUPS = {"1 x gunicorn -k gevent -w 1": 1, "gunicorn -k gevent -w 2, a sampler each": 2}
+DASHBOARD_EVERY = 0.1  # seconds between two samples (DASHBOARD_EVERY)
+STALLED = 10  # one dashboard viewer in STALLED reads nothing at all
 REDIS = ["redis-server", "--bind", HOST, "--port", "{port}", "--save", "", "--appendonly", "no"]
 REDIS += ["--dir", "{folder}", "--protected-mode", "no", "--loglevel", "warning"]
 STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
@@ -361,6 +372,34 @@ class EventStream(Stream):
 
     def cut_short(self) -> str:
         return f"closed by the server after {len(self.ids)} messages"
+
+
+class SampleStream(Stream):
+    """A viewer of the dashboard step: opened by its `retry:` line; records the number of each
+    sample and when it arrived. It never ends by itself: the server closing it is an error."""
+
+    ends_by_itself = False
+    ID = re.compile(rb"^id: ([0-9]+)\r?$", re.MULTILINE)
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port, get_request("/events"))
+        self.ids: list[int] = []
+        self.times: list[float] = []
+        self._partial = b""  # a line not complete yet
+
+    def payload(self, block: bytes, now: float) -> bool:
+        data = self._partial + block
+        cut = data.rfind(b"\n") + 1
+        data, self._partial = data[:cut], data[cut:]
+        if self.opened is None and b"retry:" in data:
+            self.opened = now
+        for match in self.ID.finditer(data):
+            self.ids.append(int(match[1]))
+            self.times.append(now)
+        return False
+
+    def cut_short(self) -> str:
+        return f"closed by the server after {len(self.ids)} samples"
 
 
 def run_streams(
@@ -864,6 +903,60 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
 # The report: tables, targets, the machine.
 
 
+def get_status(port: int) -> dict:
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.request("GET", "/status")
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def dashboard(name: str, count: int, args: argparse.Namespace) -> dict:
+    """`count` viewers of the dashboard step, one in STALLED of them reading nothing, for
+    `args.seconds` once all are open."""
+    print(f"dashboard: {name}, {count:,} viewers ...", file=sys.stderr, flush=True)
+    env = {"DASHBOARD_EVERY": str(DASHBOARD_EVERY)}
+    fill = {"workers": DASHBOARD_SETUPS[name], "connections": count + 100, "backlog": args.backlog}
+    with Server(DASHBOARD, env=env, **fill) as server, contextlib.ExitStack() as stalled:
+        for _ in range(8):  # each worker's first request imports, and starts its sampler
+            get_status(server.port)
+        for _ in range(count // STALLED):  # they ask, then never read a byte
+            sock = stalled.enter_context(socket.create_connection((HOST, server.port)))
+            sock.sendall(get_request("/events"))
+        viewers = [SampleStream(server.port) for _ in range(count - count // STALLED)]
+        usage, opened = Usage({"server": [server]}), []
+
+        def enough(now: float) -> bool:  # every viewer open (or failed), then `seconds` more
+            if not opened and all(v.opened or v.error for v in viewers):
+                opened.append(now)
+            return bool(opened) and now >= opened[0] + args.seconds
+
+        with PeakMemory([server]) as memory:
+            started = time.perf_counter()
+            run_streams(viewers, started + OPEN_TIMEOUT + args.seconds, args.window, enough)
+        row = {"setup": name, "viewers": count, "stalled": count // STALLED}
+        errors = sum(viewer.error is not None for viewer in viewers)
+        row |= {"reading, errors": errors, "open s": (opened or [started])[0] - started}
+        # Once all are open: the samples each viewer got, their gaps, and the numbers skipped.
+        rates, gaps, skipped = [], [], 0
+        for viewer in viewers:
+            pairs = zip(viewer.ids, viewer.times, strict=True)
+            got = [(n, t) for n, t in pairs if opened and t >= opened[0]]
+            if len(got) > 1:
+                rates.append((got[-1][0] - got[0][0]) / (got[-1][1] - got[0][1]))
+                gaps += [b[1] - a[1] for a, b in itertools.pairwise(got)]
+                skipped += sum(b[0] - a[0] - 1 for a, b in itertools.pairwise(got))
+        row["samples/s"] = statistics.median(rates) if rates else float("nan")
+        p50, p99, most = percentiles(gaps)
+        row |= {"gap p50 ms": p50 * 1000, "gap p99 ms": p99 * 1000, "gap max ms": most * 1000}
+        row["skipped"] = skipped
+        row["RSS KB/viewer"] = memory.growth / 1024 / count
+        row |= usage.stop()
+        row["error kinds"] = errors_by_kind(viewers)
+        return row
+
+
 def table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return lines + [
@@ -1092,6 +1185,14 @@ def report(results: dict) -> list[str]:
             *table(rows, list(rows[0])),
             "",
         ]
+    if rows := results.get("dashboard"):
+        lines += [
+            f"## Dashboard: step 10's viewers, a sample every {DASHBOARD_EVERY:g} s, for "
+            f"{settings['seconds']:g} s once all are open; one in {STALLED} reads nothing",
+            "",
+            *table(rows, list(rows[0])),
+            "",
+        ]
     return lines
 
 
@@ -1125,10 +1226,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S,S,...",
         help="run the fan-out part (ladder: 500,1000,2500,5000)",
     )
+    parser.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=[],
+        type=ladder,
+        metavar="V,V,...",
+        help="run the dashboard part (ladder: 100,1000)",
+    )
     parser.add_argument("--chunks", type=int, help="capacity: chunks per stream (30)")
     parser.add_argument("--interval", type=float, help="capacity: seconds between chunks (1)")
     parser.add_argument("--rate", type=float, help="fan-out: messages a second (10)")
-    parser.add_argument("--seconds", type=float, help="fan-out: seconds of posting (10)")
+    parser.add_argument(
+        "--seconds", type=float, help="fan-out: seconds of posting; dashboard: of watching (10)"
+    )
     parser.add_argument(
         "--window", type=int, default=1000, help="streams opening at once, at most (1000); 0: all"
     )
@@ -1144,18 +1255,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     run_capacity, run_fanout = args.capacity is not None, args.fanout is not None
-    everything = not (args.streams or run_capacity or run_fanout)
+    run_dashboard = args.dashboard is not None
+    everything = not (args.streams or run_capacity or run_fanout or run_dashboard)
     run_capacity, run_fanout = run_capacity or everything, run_fanout or everything
+    run_dashboard = run_dashboard or everything
     quick = args.quick
     args.capacity = args.capacity or ([100, 300] if quick else [1000, 5000, 10_000])
     args.fanout = args.fanout or ([20, 60] if quick else [500, 1000, 2500, 5000])
+    args.dashboard = args.dashboard or ([20, 100] if quick else [100, 1000])
     args.chunks = args.chunks or (5 if quick else 30)
     args.interval = args.interval if args.interval is not None else (0.5 if quick else 1.0)
     args.rate = args.rate or 10.0
     args.seconds = args.seconds or (2.0 if quick else 10.0)
     args.window = args.window or None
 
-    fits, note = open_file_limit(max(args.capacity + args.fanout))
+    fits, note = open_file_limit(max(args.capacity + args.fanout + args.dashboard))
     print(note, file=sys.stderr)
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1189,6 +1303,12 @@ def main(argv: list[str] | None = None) -> int:
         results["fanout"] = [
             fanout(name, min(count, fits), args) for count in args.fanout for name in setups
         ]
+    if run_dashboard:
+        results["dashboard"] = [
+            dashboard(name, min(count, fits), args)
+            for count in args.dashboard
+            for name in DASHBOARD_SETUPS
+        ]
     results["load"].append(os.getloadavg()[0])
     results["targets"] = targets(results)
     lines = report(results)
@@ -1209,6 +1329,7 @@ def exit_status(results: dict, check_targets: bool) -> int:
         failed += sum(row["errors"] for row in results.get("capacity", []))
         for row in results.get("fanout", []):
             failed += row["errors"] + row["post errors"] + row["lost"] + row["duplicated"]
+        failed += sum(row["reading, errors"] for row in results.get("dashboard", []))
     missed = check_targets and not all(target["met"] for target in results["targets"])
     return 1 if failed or missed else 0
 

@@ -18,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from werkzeug.serving import make_server
 
 from helpers import WAIT, Answer, ScriptedServer
-from services import CHROMEDRIVER, CHROMIUM, Gunicorn, Nginx, RedisServer, require
+from services import CHROMEDRIVER, CHROMIUM, Gunicorn, Nginx, RedisServer, RQWorker, require
 
 
 @pytest.fixture
@@ -218,6 +218,21 @@ def gunicorn() -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for server in started:
         server.stop()  # does nothing to a server the test has stopped already
+
+
+@pytest.fixture
+def rq_worker() -> Iterator[Callable[..., RQWorker]]:
+    """Start RQ's worker on a Redis: rq_worker(redis_url, env={...}). Each call gives a worker
+    that listens on the `jobs` queue; all stop when the test ends."""
+    started: list[RQWorker] = []
+
+    def start(redis_url: str, env: dict[str, str] | None = None) -> RQWorker:
+        started.append(RQWorker(redis_url, env))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        worker.stop()  # does nothing to a worker the test has killed already
 
 
 # Debian's chromium, started the way that works on a machine with no network and no screen.

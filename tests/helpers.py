@@ -127,10 +127,10 @@ def https_step(script: str, tls) -> Iterator[str]:
         process.stderr.close()
 
 
-def run_step(script: str, log: Path, port: int) -> subprocess.Popen:
-    """Run a step's script on `port`, with the test key, its log in a file; back once it
-    listens. stop_step() ends it."""
-    command = [sys.executable, script, "--port", str(port)]
+def run_step(script: str, log: Path, port: int, *flags: str) -> subprocess.Popen:
+    """Run a step's script on `port` (and its other `flags`), with the test key, its log in a
+    file; back once it listens. stop_step() ends it."""
+    command = [sys.executable, script, "--port", str(port), *flags]
     env = {**os.environ, "JWT_SECRET_KEY": TEST_KEY.decode()}
     with log.open("a") as output:  # the child keeps its own copy of the file
         process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=output)

@@ -1,8 +1,9 @@
 """Real servers that the tests start themselves, each on a free loopback port with throwaway
-settings and stopped by its own PID: redis-server and nginx (Debian's packages), and gunicorn
-serving a step's app. A program that is not installed skips the tests that need it, or fails
-them under CI (require())."""
+settings and stopped by its own PID: redis-server and nginx (Debian's packages), gunicorn
+serving a step's app, and RQ's worker. A program that is not installed skips the tests that
+need it, or fails them under CI (require())."""
 
+import contextlib
 import os
 import pwd
 import queue
@@ -18,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
@@ -109,7 +111,40 @@ class RedisServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class Gunicorn:
+class Output:
+    """The output of a server in a subprocess, read line by line in a thread of its own:
+    wait_for_line() waits for a line, has_logged() looks at those so far."""
+
+    def read_output(self, process: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._drain, args=(process,), daemon=True).start()
+
+    def _drain(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str) -> re.Match:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        name = type(self).__name__
+        raise AssertionError(f"{name} never logged {pattern!r}:\n{''.join(self.log)}")
+
+    def has_logged(self, pattern: str) -> bool:
+        """Whether a line so far matches `pattern`; does not wait."""
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return any(re.search(pattern, line) for line in self.log)
+
+
+class Gunicorn(Output):
     """One gunicorn server in a subprocess on a free loopback port; stopped by its own PID."""
 
     def __init__(
@@ -133,33 +168,9 @@ class Gunicorn:
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.read_output(self.process)
         self.url = self.wait_for_line(r"Listening at: (http://127\.0\.0\.1:\d+)").group(1)
         self.port = port_of(self.url)
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def wait_for_line(self, pattern: str) -> re.Match:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"gunicorn never logged {pattern!r}:\n{''.join(self.log)}")
-
-    def has_logged(self, pattern: str) -> bool:
-        """Whether a line so far matches `pattern`; does not wait."""
-        while not self.lines.empty():
-            self.log.append(self.lines.get())
-        return any(re.search(pattern, line) for line in self.log)
 
     def kill(self) -> None:
         """SIGKILL to master and workers at once: no cleanup, as when a host dies."""
@@ -167,6 +178,41 @@ class Gunicorn:
         self.process.wait(WAIT)
 
     def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process.stdout.close()
+
+
+class RQWorker(Output):
+    """RQ's worker, started as the docs say (`rq worker --url "$REDIS_URL" jobs`, in the
+    repository's folder), in a session of its own; kill() takes its work horse too."""
+
+    def __init__(self, redis_url: str, env: dict[str, str] | None = None) -> None:
+        command = [str(Path(sys.executable).with_name("rq")), "worker", "--url", redis_url, "jobs"]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        self.read_output(self.process)
+        self.wait_for_line(r"Listening on jobs")
+
+    def kill(self) -> None:
+        """SIGKILL to the worker, then to its work horse (the process that runs the job, which
+        RQ puts in a process group of its own, so it outlives a kill of the worker's), as when
+        a host dies."""
+        horses = psutil.Process(self.process.pid).children(recursive=True)
+        os.killpg(self.process.pid, signal.SIGKILL)  # first: it forks no new horse now
+        for horse in horses:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                horse.kill()
+        self.process.wait(WAIT)
+
+    def stop(self) -> None:
+        """SIGTERM: RQ's warm shutdown, which lets the job under way finish first."""
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -3,6 +3,7 @@ given to them: they read every stream whole and count every stream that fails an
 message lost or duplicated, so that its tables can be trusted; its targets are judged from the
 figures. Its timings are read, not tested."""
 
+import argparse
 import time
 import uuid
 
@@ -205,3 +206,24 @@ def test_fast_read_reads_to_the_final_chunk(port):
 
 def test_the_first_chunk_beside_fast_streams_is_timed(port):
     assert bench.first_chunk_beside_fast_streams(port, fast=2, probes=2) > 0
+
+
+def test_a_dashboard_viewer_reads_sample_numbers_from_whole_lines_only():
+    stream = bench.SampleStream(1)
+    event = chunk(b'id: 417\nevent: sample\ndata: {"time": 1}\n\n')
+    cut = event.index(b"id: 4") + 5  # the id line in two reads
+    blocks = [HEAD + chunk(b"retry: 2000\n\n"), event[:cut], event[cut:]]
+    assert not any(stream.receive(block, n) for n, block in enumerate(blocks))
+    assert (stream.ids, stream.times, stream.opened, stream.error) == ([417], [2], 0, None)
+    assert stream.receive(b"", 3)  # the server closed it
+    assert stream.error == "closed by the server after 1 samples"
+
+
+def test_the_dashboard_part_measures_its_viewers(monkeypatch):
+    """The dashboard part end to end, small: the step under gunicorn, a sampler per worker."""
+    monkeypatch.setattr(bench, "DASHBOARD_EVERY", 0.05)
+    args = argparse.Namespace(seconds=0.5, window=None, backlog=128)
+    for name in bench.DASHBOARD_SETUPS:
+        row = bench.dashboard(name, 10, args)
+        assert (row["viewers"], row["stalled"], row["reading, errors"]) == (10, 1, 0)
+        assert row["samples/s"] > 0 and row["gap p50 ms"] > 0 and row["skipped"] >= 0

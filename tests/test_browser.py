@@ -3,10 +3,11 @@
 import itertools
 
 import pytest
+from flask import abort, request
 from selenium.webdriver.common.by import By
 
 import stream_server_sse as server
-from helpers import save_screenshot, wait_in_page
+from helpers import save_screenshot, wait_in_page, wait_until
 
 pytestmark = pytest.mark.step(server)
 
@@ -58,6 +59,47 @@ def test_feed_resumes_after_the_server_drops_the_connection(page, drop_connectio
         "connection lost: the browser will reconnect",
         "reconnected: resuming after #1",
     ]
+
+
+def test_feed_tries_again_with_the_query_after_eventsource_gives_up(page, drop_connection,
+                                                                   monkeypatch):
+    drop_connection(at_pause=1)  # after event 1
+    monkeypatch.setattr(server, "RETRY_MS", 100)
+    first_event, asked = server.first_event, []
+
+    def first_event_or_502() -> int:
+        asked.append((request.headers.get("Last-Event-ID"), request.args.get("last_event_id")))
+        if request.headers.get("Last-Event-ID"):  # EventSource's own reconnection meets what
+            abort(502, "no app instance answered")  # nginx answers while the server restarts
+        return first_event()
+
+    monkeypatch.setattr(server, "first_event", first_event_or_502)
+    fill(page, feed_count="5", feed_interval="1")
+    page.find_element(By.ID, "feed-start").click()
+    wait_in_page(page, lambda: text_of(page, "feed-status").startswith("ended"), "the end")
+    assert feed_ids(page) == ["1", "2", "3", "4", "5"]  # each once: no gap, no duplicate
+    assert asked == [(None, None), ("1", None), (None, "1")]
+    notes = [note.text for note in page.find_elements(By.CSS_SELECTOR, "#feed-list li.note")]
+    assert notes == [
+        "connection lost: the browser will reconnect",
+        "the server is away: trying again in 1s",
+        "reconnected: resuming after #1",
+    ]
+
+
+def test_a_page_that_is_left_closes_its_feed_at_once(page, gated, caplog):
+    caplog.set_level("INFO")
+    fill(page, feed_count="100000", feed_interval="1")
+    page.find_element(By.ID, "feed-start").click()
+    wait_in_page(page, lambda: feed_ids(page) == ["1"], "the first event")
+    page.get("about:blank")  # Chromium may keep the page, and its stream, in its cache
+    left = "events for User1: client left after event"
+    for _ in range(20):  # the stream writes on, an event at a time: a closed connection fails
+        gated.let_one_through()
+        wait_until(lambda: gated.paused.acquire(blocking=False) or left in caplog.text)
+        if left in caplog.text:
+            break
+    assert left in caplog.text
 
 
 def test_tokens_appear_word_by_word_through_fetch(page, gated):

@@ -32,6 +32,18 @@ KNOWN_MISSES = {
     "dispatched, a new connection drops the unfinished line and event, always UTF-8) (#20)",
     ("size", "stream_client_chat.py"): "143: step 4's stream_chunks and follow() carried with "
     "those reconnection rules (#20), beside the posting of messages",
+    ("diff", "stream_server_dashboard.py"): "-97: step 4's two feeds (/events/<user_id> and "
+    "/tokens), the generator that counts a stream out, pause() and the per-user tracker are what "
+    "one sampler for every viewer replaces",
+    ("diff", "stream_client_dashboard.py"): "-54: step 4's SSEParser is imported (a copy passes "
+    "140 lines), and main's printing of each event becomes the table redrawn in place",
+    ("diff", "stream_server_jobs.py"): "-111: step 8's rooms (posting, following, presence "
+    "and the Broker) are what the job replaces, and the docstring that describes them",
+    ("diff", "stream_client_jobs.py"): "-44: step 8's typed lines (--say, --room, the thread "
+    "that posts them) are what starting, following and cancelling a job replace",
+    ("diff", "stream_server_llm.py"): "-98: step 4's two GET feeds (event_stream, first_event, "
+    "query_number, their routes and constants) are what OpenAI's POST replaces; carried, they "
+    "would take the server past 240 lines",
     ("size", "stream_client_websocket.py"): "168: step 3's lines it still needs, plus the "
     "handshake, the reader and the command thread",
     ("size", "stream_client_multiuser_resume.py"): "192: step 6's client (140) carried whole, "

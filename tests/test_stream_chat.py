@@ -19,6 +19,7 @@ from contextlib import suppress
 from datetime import datetime
 from types import SimpleNamespace
 
+import flask
 import limits
 import pytest
 import redis
@@ -934,6 +935,38 @@ def test_the_page_resumes_after_the_stream_ends(chat, base, browser, room, monke
     wait_in_page(browser, lambda: shown(browser) == expected, "both, once each")
     assert notes(browser)[:1] == ["the server lost Redis: trying again"]
     assert notes(browser)[1].startswith("the server ended the stream: resuming after ")
+
+
+@only_in_process
+def test_the_page_tries_again_after_a_proxys_502(chat, base, browser, room, monkeypatch):
+    monkeypatch.setattr(server, "RETRY_MS", 50)
+    last_event_id, refused = server.last_event_id, []
+
+    def once_502() -> str | None:
+        if flask.request.headers.get("Last-Event-ID") and not refused:
+            refused.append(True)  # what nginx answers while no instance is up
+            flask.abort(502, "no app instance answered: try again in a moment")
+        return last_event_id()
+
+    monkeypatch.setattr(server, "last_event_id", once_502)
+    joined(browser, base, room, "Alice")
+    post(base, room, "one", user="Bob")
+    wait_in_page(browser, lambda: shown(browser) == [("Bob", "one")], "the first message")
+    end_streams(chat, room, "error")
+    post(base, room, "two", user="Bob")
+    expected = [("Bob", "one"), ("Bob", "two")]
+    wait_in_page(browser, lambda: shown(browser) == expected, "both, once each")
+    assert refused and notes(browser)[2].startswith("the server is away: resuming after ")
+
+
+@only_in_process
+def test_a_page_that_is_left_ends_its_stream_at_once(chat, base, browser, room, monkeypatch,
+                                                     caplog):
+    caplog.set_level("INFO")
+    monkeypatch.setattr(server, "HEARTBEAT", 0.05)  # a write every 50 ms finds a closed socket
+    joined(browser, base, room, "Alice")
+    browser.get("about:blank")  # Chromium may keep the page, and its stream, in its cache
+    wait_until(lambda: f"Alice in {room} ended after event" in caplog.text)
 
 
 @only_redis

@@ -101,6 +101,18 @@ def test_last_event_id_resumes_right_after_it(client):
     assert ids == ["4", "5"]
 
 
+def test_last_event_id_in_the_query_resumes_too(client):
+    """What a page sends once its EventSource has given up: a new one sends no header."""
+    response = client.get("/events/Alice?count=5&interval=0&last_event_id=3")
+    assert [e.id for e in SSEParser().feed(response.text) if e.type == "chunk"] == ["4", "5"]
+    bad = client.get("/events/Alice?last_event_id=x")
+    assert bad.status_code == 400
+    # The header wins: EventSource's own reconnection sends it with the page's query.
+    both = client.get("/events/Alice?count=5&interval=0&last_event_id=1",
+                      headers={"Last-Event-ID": "4"})
+    assert [e.id for e in SSEParser().feed(both.text) if e.type == "chunk"] == ["5"]
+
+
 def test_resuming_past_the_end_only_ends(client):
     response = client.get("/events/Alice?count=5", headers={"Last-Event-ID": "5"})
     assert [e.type for e in SSEParser().feed(response.text)] == ["end"]
