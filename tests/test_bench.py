@@ -249,6 +249,7 @@ def test_a_completion_counts_each_token_once_however_the_reads_split_it():
     blocks = [HEAD + body[:cut], body[cut:-3], body[-3:]]  # the final chunk in two, too
     assert [stream.receive(block, n) for n, block in enumerate(blocks)] == [False, False, True]
     assert (stream.arrivals, stream.opened, stream.done, stream.error) == ([0, 1], 0, True, None)
+    assert stream.texts == [b"Hi", b" there"]
 
 
 def test_a_completion_without_done_or_a_token_counts_as_failed():
@@ -310,7 +311,8 @@ def test_the_completions_part_measures_step_9_and_its_peer(name):
 
 def test_the_relay_part_measures_what_the_gateway_adds_and_how_soon_the_upstream_stops():
     row = bench.relay(3, argparse.Namespace(backlog=128))
-    assert (row["direct errors"], row["relayed errors"], row["stops"]) == (0, 0, 3)
+    assert (row["errors"], row["tokens"], row["stops"]) == (0, 3 * bench.TOKENS, 3)
+    assert row["added p50 ms"] > 0  # each token reached the client after its upstream wrote it
     assert "stop error" not in row and row["stop max ms"] < 5000  # each one did stop
 
 
