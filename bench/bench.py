@@ -1793,7 +1793,7 @@ def main(argv: list[str] | None = None) -> int:
             results["viewers"] = [
                 viewers(name, min(count, fits), stalled, args)
                 for count in args.viewers
-                for stalled in (0, count // 9)
+                for stalled in (0, max(1, count // 9))
                 for name in servers
             ]
     results["load"].append(os.getloadavg()[0])
