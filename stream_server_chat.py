@@ -113,8 +113,7 @@ def event_stream(
         yield from first
         after = order(sent)
         while True:
-            # Every message queued meanwhile, written at once: one write for a backlog.
-            waiting = take(inbox, HEARTBEAT)
+            waiting = take(inbox, HEARTBEAT)  # all that is queued: ONE write for a backlog
             if not waiting:  # a comment: every client ignores it, but the line stays busy
                 yield ": keep-alive\n\n"
                 continue
