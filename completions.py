@@ -115,6 +115,12 @@ def open_upstream(url: str, ask: "CompletionRequest") -> requests.Response:
     if response.status_code in (400, 404, 413, 429):
         raise APIError(response.status_code, message, param=error.get("param"),
                        code=error.get("code"))
+    # A refused key is the gateway's UPSTREAM_API_KEY: the upstream's own words ("send your API
+    # key") would send this client after a key it has sent.
+    if response.status_code in (401, 403):
+        key = "is not set" if not os.environ.get("UPSTREAM_API_KEY") else "was refused"
+        raise APIError(502, f"the upstream model server refused this gateway: its "
+                       f"UPSTREAM_API_KEY {key}", "server_error", code="upstream_refused")
     raise APIError(502, f"the upstream model server failed: {message}", "server_error")
 
 

@@ -34,13 +34,16 @@ from serving import RequestHandler
 
 logger = logging.getLogger(__name__)
 app = Flask(__name__)
-# Seconds between two samples: --every, or DASHBOARD_EVERY=0.5 gunicorn ... where no flags are.
-app.config["EVERY"] = os.environ.get("DASHBOARD_EVERY", "1")
 
 MIN_EVERY = 0.05
 MAX_INTERVAL = 60
 HISTORY = 600  # samples held: ?history and Last-Event-ID reach that far back
 NUMBER = {int: re.compile(r"[0-9]{1,9}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")}
+# Seconds between two samples: --every, or DASHBOARD_EVERY=0.5 gunicorn ... where no flags are.
+# Checked here, so that gunicorn.conf.py's start-up check stops gunicorn over a bad one.
+app.config["EVERY"] = EVERY = os.environ.get("DASHBOARD_EVERY", "1")
+if not NUMBER[float].fullmatch(EVERY) or not MIN_EVERY <= float(EVERY) <= MAX_INTERVAL:
+    raise SystemExit(f"DASHBOARD_EVERY must be from {MIN_EVERY} to {MAX_INTERVAL} s, not {EVERY!r}")
 RETRY_MS = 2000  # sent as `retry:`: how long a client waits before it reconnects
 HEARTBEAT = 15.0  # seconds: a quiet stream sends a comment this often, or proxies may cut it
 
@@ -116,10 +119,7 @@ def sampler() -> Sampler:
     """This process's one Sampler, started on first use: under gunicorn, one in each worker."""
     with SAMPLER_LOCK:
         if "dashboard" not in app.extensions:
-            every = float(app.config["EVERY"])
-            if not MIN_EVERY <= every <= MAX_INTERVAL:  # "nan" fails this too
-                raise ValueError(f"every must be from {MIN_EVERY} to {MAX_INTERVAL} seconds")
-            app.extensions["dashboard"] = Sampler(every)
+            app.extensions["dashboard"] = Sampler(float(app.config["EVERY"]))
         return app.extensions["dashboard"]
 
 

@@ -369,6 +369,22 @@ def test_an_upstream_that_dies_mid_stream_is_an_error_event(gateway, upstream):
     wait_until(lambda: status(gateway)["generating"] == 0)
 
 
+@pytest.mark.parametrize(("key", "said"), [(None, "is not set"), ("wrong", "was refused")])
+def test_an_upstream_that_refuses_the_gateways_key_is_a_502_that_names_it(
+    gateway, monkeypatch, key, said
+):
+    # Before, the client read the upstream's words: "send your API key as 'Authorization:...'".
+    if key is None:
+        monkeypatch.delenv("UPSTREAM_API_KEY")
+    else:
+        monkeypatch.setenv("UPSTREAM_API_KEY", key)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client_for(gateway).chat.completions.create(model=completions.MODEL, messages=PROMPT)
+    assert raised.value.status_code == 502
+    refused = "the upstream model server refused this gateway: its UPSTREAM_API_KEY"
+    assert raised.value.body["message"] == f"{refused} {said}"
+
+
 def test_an_upstream_that_is_down_is_a_502(serve, app, monkeypatch):
     monkeypatch.setitem(server.app.config, "UPSTREAM", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(openai.InternalServerError) as raised:
