@@ -5,7 +5,7 @@ and asks it for what each request needs:
 
     chat = Broker(connect(redis_url, app.config), app.config, message_event)  # once a process
     message_id = chat.post(room, user, text, idempotency_key)    # stored once, whatever retries
-    inbox, gap, kept, sent = chat.subscribe(room, user, last_id)  # then inbox.get()...
+    inbox, gap, kept, sent = chat.subscribe(room, user, last_id)  # then take(inbox, ...)
     chat.unsubscribe(room, inbox)                                 # when the stream closes
 
 A message is stored once, by the server, in the room's Redis Stream (key "chat:<room>").
@@ -124,6 +124,16 @@ def order(message_id: str) -> tuple[int, int]:
     """Stream ids compare as two numbers, not as text ("9-0" comes before "10-0")."""
     milliseconds, _, sequence = message_id.partition("-")
     return int(milliseconds), int(sequence)
+
+
+def take(inbox: queue.Queue, timeout: float) -> list:
+    """All that waits in an inbox, once the first item has come (within `timeout` seconds, or
+    []): a stream that fell behind sends its backlog in one write, not one write each."""
+    try:
+        items = [inbox.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    return items + [inbox.get_nowait() for _ in range(inbox.qsize())]  # its only reader
 
 
 class Broker:
@@ -264,16 +274,20 @@ class Broker:
                 sleep(1)  # redis-py reconnects by itself on the next command
 
     def hand_over(self, room: str, messages: list) -> None:
-        """Queue each message for every subscriber of the room; let go of any that lags."""
+        """Queue each message for every subscriber of the room; let go of any that lags.
+        Each goes as (its id as numbers, its id, its event as bytes): made and encoded once
+        for all its subscribers, so that a delivery only compares and writes."""
+        bound = self.config["QUEUE"]
         with self.lock:
             for message_id, fields in messages:
-                if room not in self.cursors or order(message_id) <= order(self.cursors[room]):
+                position = order(message_id)
+                if room not in self.cursors or position <= order(self.cursors[room]):
                     continue  # queued already (the room was left and joined again)
                 self.cursors[room] = message_id
-                text = self.render(message_id, fields)  # made once, queued for every stream
+                item = position, message_id, self.render(message_id, fields).encode()
                 for inbox in list(self.inboxes[room]):
-                    if inbox.qsize() < self.config["QUEUE"]:
-                        inbox.put((message_id, text))
+                    if inbox.qsize() < bound:
+                        inbox.put(item)
                     else:  # too slow: memory stays bounded, and it resumes from history
                         self.end(room, inbox, "overflow")
 

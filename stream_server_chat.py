@@ -35,7 +35,7 @@ from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
 # The rooms in Redis, shared by every process: one reader each, a bounded queue per
 # subscriber, presence that expires, and bounds on what one user takes. See rooms.py.
-from rooms import Broker, connect, limit_posts, limiter, order
+from rooms import Broker, connect, limit_posts, limiter, order, take
 
 # What a server needs to face slow, silent and hostile clients, shared: see serving.py.
 from serving import RequestHandler
@@ -103,26 +103,29 @@ def broker() -> Broker:
         return app.extensions["chat"]
 
 
-def event_stream(name: str, inbox: queue.Queue, first: list[str], sent: str) -> Iterator[str]:
+def event_stream(
+    name: str, inbox: queue.Queue, first: list[str], sent: str
+) -> Iterator[str | bytes]:
     """Yield the `first` events, then each message the reader queues, until the stream ends."""
     logger.info("%s started: %d events of history first, then new ones", name, len(first))
     try:
         yield f"retry: {RETRY_MS}\n\n"
         yield from first
+        after = order(sent)
         while True:
-            try:
-                item = inbox.get(timeout=HEARTBEAT)
-            except queue.Empty:  # a comment: every client ignores it, but the line stays busy
+            waiting = take(inbox, HEARTBEAT)  # all that is queued: ONE write for a backlog
+            if not waiting:  # a comment: every client ignores it, but the line stays busy
                 yield ": keep-alive\n\n"
                 continue
-            if item in ("overflow", "error"):  # the last one: the client resumes after `sent`
-                why = {"last_id": sent} if item == "overflow" else {"error": "Redis is unavailable"}
-                yield event(json.dumps(why), item)
+            last = waiting.pop() if waiting[-1] in ("overflow", "error") else None
+            new = [item for item in waiting if item[0] > after]  # not what the history had
+            if new:
+                yield b"".join(data for _, _, data in new)
+                after, sent = new[-1][:2]
+            if last:  # the last one: the client resumes after `sent`
+                why = {"last_id": sent} if last == "overflow" else {"error": "Redis is unavailable"}
+                yield event(json.dumps(why), last)
                 break
-            message_id, text = item
-            if order(message_id) > order(sent):  # not if the history already had it
-                yield text
-                sent = message_id
     finally:
         # Runs when the stream ends and also when the client hangs up: Werkzeug
         # closes the generator as soon as writing to the socket fails.

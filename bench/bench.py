@@ -1,6 +1,6 @@
 """Measure the step servers: one stream, many streams on one process, one message to thousands.
 
-Three parts, all on 127.0.0.1:
+Its parts, all on 127.0.0.1:
   - streams: step 2's app under Werkzeug's dev server and gunicorn (gthread, gevent): the first
     chunk's delay, how far paced gaps stray, the rate of one unpaced stream, 10-500 one-second
     streams started at once (the median of three runs), and the server's memory growth;
@@ -12,19 +12,31 @@ Three parts, all on 127.0.0.1:
     sending M messages a second for T seconds: two `gunicorn -k gevent -w 1` instances sharing one
     redis-server, one instance with its in-process broker, and the same room on Starlette and
     uvicorn with redis.asyncio: deliveries per second, the latency from each POST's response to
-    each receipt, messages lost and duplicated, the servers' RSS per subscriber;
+    each receipt (counted from the room's first message: no warm-up), messages lost and
+    duplicated, the servers' RSS per subscriber and CPU per delivery;
   - dashboard: the dashboard step (step 10) with V viewers (100 and 1,000 by default), one in ten
     of them reading nothing, on one gevent worker and on two (each worker has its own sampler):
     the samples each sampler takes a second, the gaps between two samples as the viewers that
-    read get them, the samples they skipped, the servers' RSS per viewer and CPU.
-Then every target is checked in this one run and printed as met or not met with its figure.
+    read get them, the samples they skipped, the servers' RSS per viewer and CPU;
+  - completions: N streamed completions at once (1,000 and 5,000) of step 9 on one gevent
+    worker and of its peer, the same route on uvicorn + Starlette + sse-starlette with the same
+    stand-in model at the same pace: time to first token, each token's lateness against its
+    pace, RSS per stream, server CPU per token, errors;
+  - relay: step 9 as a gateway (--upstream) in front of another instance of step 9, 100 streams:
+    what the relay adds to each token, and how soon the upstream stops once a client leaves;
+  - viewers: V viewers (1,000 and 10,000) of step 10 on one gevent worker and of its peer on
+    sse-starlette with one shared sampler, a sample a second, without and with one viewer in ten
+    stalled: the time from a sample to its last viewer, RSS per viewer, memory while watching.
+Then every target is checked in this one run and printed as met, NOT MET, or NOT MEASURED (a
+target the run did not measure, such as a quick run's, is never met) with its figure.
 Every load is bounded in count and time, and every process is stopped by the PID it started.
 
-    python bench/bench.py                       # everything, full loads: about 12 minutes
-    python bench/bench.py --quick               # everything, small loads: a minute (CI)
+    python bench/bench.py                       # everything, full loads: about 18 minutes
+    python bench/bench.py --quick               # everything, small loads: a few minutes (CI)
     python bench/bench.py --capacity            # only capacity; --capacity 2000,4000 another ladder
     python bench/bench.py --fanout 500,5000 --rate 10 --seconds 10   # only fan-out
     python bench/bench.py --dashboard 100,1000 --seconds 10          # only the dashboard
+    python bench/bench.py --completions 1000,5000 --relay 100 --viewers 1000,10000  # 9 and 10
     python bench/bench.py --markdown bench/results.md --json bench/results.json --check
     python bench/graphs.py bench/results.json   # the graphs in docs/, from the JSON
 """
@@ -103,6 +115,22 @@ DASHBOARD += ["--backlog", "{backlog}", "stream_server_dashboard:app"]
 DASHBOARD_SETUPS = {"1 x gunicorn -k gevent -w 1": 1, "gunicorn -k gevent -w 2, a sampler each": 2}
 DASHBOARD_EVERY = 0.1  # seconds between two samples (DASHBOARD_EVERY)
 STALLED = 10  # one dashboard viewer in STALLED reads nothing at all
+# Steps 9 and 10 against their peers, what users would build instead: uvicorn + Starlette +
+# sse-starlette (bench/requirements.txt, Python 3.11 or later), one process each.
+HAS_SSE_STARLETTE = HAS_UVICORN and importlib.util.find_spec("sse_starlette") is not None
+LLM_STEP, LLM_PEER = "step 9, gunicorn -k gevent -w 1", "peer: uvicorn + sse-starlette"
+COMPLETION_SERVERS = {  # name: command; the step only once it is in the repository
+    LLM_STEP: [*CAPACITY_SERVERS["gunicorn -k gevent -w 1"][:-1], "stream_server_llm:app"],
+    LLM_PEER: [*UVICORN, "--backlog", "{backlog}", "llm_starlette_app:app"],
+}
+PACE = 20.0  # tokens a second, each completion
+TOKENS = 30  # tokens a completion, at most (max_tokens): 1.5 s at PACE
+VIEW_STEP = "step 10, gunicorn -k gevent -w 1"
+VIEW_PEER = "peer: uvicorn + sse-starlette, one sampler"
+VIEWER_SERVERS = {
+    VIEW_STEP: [*CAPACITY_SERVERS["gunicorn -k gevent -w 1"][:-1], "stream_server_dashboard:app"],
+    VIEW_PEER: [*UVICORN, "--backlog", "{backlog}", "dashboard_starlette_app:app"],
+}
 REDIS = ["redis-server", "--bind", HOST, "--port", "{port}", "--save", "", "--appendonly", "no"]
 REDIS += ["--dir", "{folder}", "--protected-mode", "no", "--loglevel", "warning"]
 STREAM_TIMEOUT = 60.0  # seconds any one measured stream may take before it counts as an error
@@ -283,6 +311,7 @@ class Stream:
 
     def __init__(self, port: int, request: bytes) -> None:
         self.port, self.request = port, request
+        self.sent: float | None = None  # when the request went out
         self.opened: float | None = None
         self.error: str | None = None
         self._head: bytes | None = b""  # the answer's first bytes, until its status is checked
@@ -380,11 +409,13 @@ class SampleStream(Stream):
 
     ends_by_itself = False
     ID = re.compile(rb"^id: ([0-9]+)\r?$", re.MULTILINE)
+    TIME = re.compile(rb'^data: {"time": ([0-9.]+)', re.MULTILINE)  # when it was taken
 
     def __init__(self, port: int) -> None:
         super().__init__(port, get_request("/events"))
         self.ids: list[int] = []
         self.times: list[float] = []
+        self.taken: list[float] = []  # each sample's own time (Unix seconds)
         self._partial = b""  # a line not complete yet
 
     def payload(self, block: bytes, now: float) -> bool:
@@ -396,10 +427,59 @@ class SampleStream(Stream):
         for match in self.ID.finditer(data):
             self.ids.append(int(match[1]))
             self.times.append(now)
+        self.taken += [float(match[1]) for match in self.TIME.finditer(data)]
         return False
 
     def cut_short(self) -> str:
         return f"closed by the server after {len(self.ids)} samples"
+
+
+def post_request(path: str, body: dict, headers: dict) -> bytes:
+    data = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}", "Connection: close"]
+    lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+
+class CompletionStream(Stream):
+    """A streamed completion of step 9 or its peer: POSTs a question for `tokens` tokens and
+    records when each token's chunk arrived. It has to end with `data: [DONE]` and the final
+    chunk, with every token."""
+
+    TOKEN = b'"delta": {"content": '  # a token's chunk (the first chunk has the role too)
+    TEXT = re.compile(rb'"delta": {"content": "((?:[^"\\]|\\.)*)"')  # and the token itself
+    END = b"\r\n0\r\n\r\n"  # the final chunk
+
+    def __init__(self, port: int, question: str, tokens: int, headers: dict) -> None:
+        body = {"model": "stand-in-1", "messages": [{"role": "user", "content": question}]}
+        body |= {"stream": True, "max_tokens": tokens}
+        super().__init__(port, post_request("/v1/chat/completions", body, headers))
+        self.tokens = tokens
+        self.arrivals: list[float] = []
+        self.texts: list[bytes] = []  # each token, as JSON wrote it
+        self.done = False
+        self._partial, self._last = b"", b""  # a line not complete yet; the last bytes read
+
+    def payload(self, block: bytes, now: float) -> bool:
+        data = self._partial + block
+        cut = data.rfind(b"\n") + 1
+        data, self._partial = data[:cut], data[cut:]
+        if self.opened is None and b"data: " in data:
+            self.opened = now
+        texts = self.TEXT.findall(data)
+        self.arrivals += [now] * len(texts)
+        self.texts += texts
+        self.done = self.done or b"data: [DONE]" in data
+        self._last = (self._last + block)[-len(self.END) :]
+        if self._last != self.END:
+            return False
+        if not self.done or len(self.arrivals) != self.tokens:
+            self.error = f"{len(self.arrivals)} of {self.tokens} tokens, [DONE] {self.done}"
+        return True
+
+    def cut_short(self) -> str:
+        return f"cut short after {len(self.arrivals)} of {self.tokens} tokens"
 
 
 def run_streams(
@@ -455,6 +535,7 @@ def run_streams(
                     if code := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                         raise OSError(code, os.strerror(code))
                     sock.sendall(stream.request)  # a few bytes into an empty send buffer
+                    stream.sent = time.perf_counter()
                     selector.modify(sock, selectors.EVENT_READ, stream)
                     continue
                 was_opening = stream.opened is None
@@ -816,10 +897,8 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
             cleanup.enter_context(Server(command, env=env, **options)) for _ in range(instances)
         ]
         ports = [server.port for server in servers]
-        warm = Poster(ports, access_token(key, "warmup"), rate=1000, count=2 * len(ports))
-        warm.run()  # the first requests import, connect to Redis, cache
-        if warm.errors:
-            raise RuntimeError(f"{name}: the warm-up POSTs failed")
+        # No warm-up: latency counts from the room's first message, the one a real room's
+        # users wait for too (whatever its server does the first time is part of it).
         headers = {"Authorization": f"Bearer {access_token(key, 'reader')}"}
         path = "/rooms/bench/events"
         streams = [EventStream(ports[n % len(ports)], path, headers) for n in range(count)]
@@ -858,12 +937,15 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
                 stream.error = "not open when posting began"
         received = [[i.decode() for i in stream.ids] for stream in subscribed]
         checked = check_deliveries(list(poster.posted), received)
-        latency = [
-            at - poster.posted[message_id]
-            for ids, stream in zip(received, subscribed, strict=True)
-            for message_id, at in zip(ids, stream.times, strict=True)
-            if message_id in poster.posted
-        ]
+        latency, early = [], []  # all of them; those of the first second's messages
+        by_order = sorted(poster.posted, key=lambda i: tuple(map(int, i.split("-"))))
+        first_second = set(by_order[: max(1, round(args.rate))])
+        for ids, stream in zip(received, subscribed, strict=True):
+            for message_id, at in zip(ids, stream.times, strict=True):
+                if message_id in poster.posted:
+                    latency.append(at - poster.posted[message_id])
+                    if message_id in first_second:
+                        early.append(latency[-1])
         deliveries = sum(len(ids) for ids in received)
         # The rate at which messages reached subscribers: from the first receipt to the last,
         # the deliveries after the first message's. If latency held steady, that is
@@ -886,6 +968,7 @@ def fanout(name: str, count: int, args: argparse.Namespace) -> dict:
             "latency p50 ms": p50 * 1000,
             "latency p99 ms": p99 * 1000,
             "latency max ms": most * 1000,
+            "first second's p99 ms": percentiles(early)[1] * 1000,
             "open s": times.get("open", times["begun"]) - times["begun"],
             "listen drops": None if drops is None else listen_drops() - drops,
             "RSS KB/subscriber": memory.growth / 1024 / count,
@@ -955,6 +1038,228 @@ def dashboard(name: str, count: int, args: argparse.Namespace) -> dict:
         return row
 
 
+# Steps 9 and 10 against their peers.
+
+
+def llm_env(key: str, at_once: int) -> dict:
+    """The step's settings (its peer reads the same): the pace, no first-token delay (the time
+    to first token is then the server's own), and the per-user limit out of the way."""
+    env = {"JWT_SECRET_KEY": key, "LLM_AT_ONCE": str(at_once), "LLM_UPSTREAM": None}
+    return env | {"LLM_TOKENS_PER_SECOND": f"{PACE:g}", "LLM_DELAY": "0"}
+
+
+def token_figures(streams: Sequence[CompletionStream]) -> dict:
+    """Time to first token (from the request), each token's lateness against its pace (the
+    stream's first token, plus 1 / PACE s per token since), and the tokens delivered."""
+    first, late = [], []
+    for each in streams:
+        if each.arrivals and each.sent is not None:
+            first.append(each.arrivals[0] - each.sent)
+            late += [t - each.arrivals[0] - n / PACE for n, t in enumerate(each.arrivals)]
+    row = {"first token p50 ms": percentiles(first)[0] * 1000}
+    row["first token p99 ms"] = percentiles(first)[1] * 1000
+    p50, p99, most = percentiles(late)
+    row |= {"late p50 ms": p50 * 1000, "late p99 ms": p99 * 1000, "late max ms": most * 1000}
+    return row | {"tokens": sum(len(each.arrivals) for each in streams)}
+
+
+def completions(name: str, count: int, args: argparse.Namespace) -> dict:
+    """`count` streamed completions at once on one process of step 9 or of its peer."""
+    print(f"completions: {name}, {count:,} at once ...", file=sys.stderr, flush=True)
+    key = secrets.token_urlsafe(32)
+    options = {"connections": count + 100, "backlog": args.backlog}
+    with Server(COMPLETION_SERVERS[name], env=llm_env(key, count), **options) as server:
+        headers = {"Authorization": f"Bearer {access_token(key, 'bench')}"}
+        # One completion first: a worker's first one takes 0.6 s more (its first imports),
+        # which would be the time to first token of every stream that starts with it.
+        run_streams(
+            [CompletionStream(server.port, "warm up", 2, headers)], time.perf_counter() + 30
+        )
+        streams = [
+            CompletionStream(server.port, f"question {n}", TOKENS, headers) for n in range(count)
+        ]
+        usage = Usage({"server": [server]})
+        with PeakMemory([server]) as memory:
+            started = time.perf_counter()
+            run_streams(streams, started + OPEN_TIMEOUT + TOKENS / PACE + 30, args.window)
+        errors = sum(each.error is not None for each in streams)
+        row = {"server": name, "completions": count, "completed": count - errors}
+        row |= {"errors": errors, **token_figures(streams)}
+        row["RSS KB/stream"] = memory.growth / 1024 / count
+        shares = usage.stop()
+        row["server CPU µs/token"] = 1e6 * usage.seconds["server"] / max(row["tokens"], 1)
+        return row | shares | {"error kinds": errors_by_kind(streams)}
+
+
+def status_of(port: int, headers: dict) -> dict:
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.request("GET", "/status", headers=headers)
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+class RecordingUpstream:
+    """An OpenAI-compatible upstream in this process, for the relay part only: each request
+    gets TOKENS tokens at PACE, each token a text of its own, and it notes when it wrote each
+    (just before the write: a thread held up there makes the relay look slower, not faster)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.written: dict[bytes, float] = {}  # token: when it was written
+        self.numbers = itertools.count()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # closed: the part is over
+            while True:
+                connection, _ = self.listener.accept()
+                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(1 << 16) or b"\r\n\r\n"
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *([0-9]+)", head)
+            while length and len(body) < int(length[1]):
+                body += connection.recv(1 << 16) or b"?" * int(length[1])
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            number, started = next(self.numbers), time.perf_counter()
+            for token in range(TOKENS):
+                time.sleep(max(0.0, started + token / PACE - time.perf_counter()))
+                text = f"u{number}t{token} ".encode()
+                event = b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % text
+                self.written[text] = time.perf_counter()
+                connection.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            connection.sendall(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def relay(count: int, args: argparse.Namespace) -> dict:
+    """Step 9 as a gateway (--upstream): what it adds to each token, `count` streams through it
+    to an upstream that notes when it wrote each token; and, in front of another instance of
+    step 9, how soon that upstream stops once a client leaves (the clients leave one at a time)."""
+    print(f"relay: {count} streams ...", file=sys.stderr, flush=True)
+    key = secrets.token_urlsafe(32)
+    headers = {"Authorization": f"Bearer {access_token(key, 'bench')}"}
+    options = {"connections": 2 * count + 100, "backlog": args.backlog}
+    command = COMPLETION_SERVERS[LLM_STEP]
+    with contextlib.ExitStack() as cleanup:
+        recording = RecordingUpstream()
+        cleanup.callback(recording.close)
+        env = llm_env(key, 2 * count) | {"UPSTREAM_API_KEY": access_token(key, "gateway")}
+        url = f"http://{HOST}:{recording.port}"
+        gateway = cleanup.enter_context(Server(command, env=env | {"LLM_UPSTREAM": url}, **options))
+        run_streams(
+            [CompletionStream(gateway.port, "warm up", TOKENS, headers)], time.perf_counter() + 30
+        )  # its first imports, as in completions()
+        streams = [CompletionStream(gateway.port, f"q {n}", TOKENS, headers) for n in range(count)]
+        run_streams(streams, time.perf_counter() + OPEN_TIMEOUT + TOKENS / PACE + 30)
+        added = [
+            at - recording.written[text]
+            for each in streams
+            for text, at in zip(each.texts, each.arrivals, strict=True)
+            if text in recording.written
+        ]
+        row: dict = {"streams": count, "errors": sum(each.error is not None for each in streams)}
+        p50, p99, most = percentiles(added)
+        row |= {"tokens": len(added), "added p50 ms": p50 * 1000, "added p99 ms": p99 * 1000}
+        row["added max ms"] = most * 1000
+        # The clients leave one at a time, each once its answer has begun; the upstream's
+        # /status says when its generation has ended.
+        upstream = cleanup.enter_context(Server(command, env=env, **options))
+        url = f"http://{HOST}:{upstream.port}"
+        gateway = cleanup.enter_context(Server(command, env=env | {"LLM_UPSTREAM": url}, **options))
+        body = {"model": "stand-in-1", "messages": [{"role": "user", "content": "long"}]}
+        body |= {"stream": True, "max_tokens": 4000}  # 200 s at PACE: none ends by itself
+        request = post_request("/v1/chat/completions", body, headers)
+        socks, stops = [], []
+        try:
+            for _ in range(count):
+                sock = cleanup.enter_context(socket.create_connection((HOST, gateway.port), 10))
+                sock.sendall(request)
+                socks.append(sock)
+            for sock in socks:  # each until its first token
+                seen = b""
+                while CompletionStream.TOKEN not in seen:
+                    seen = seen[-64:] + (sock.recv(1 << 16) or b"?" + CompletionStream.TOKEN)
+            wait_until = time.perf_counter() + 60
+            while status_of(upstream.port, headers)["generating"] < count:
+                if time.perf_counter() > wait_until:
+                    raise RuntimeError("relay: the upstream never had every stream open")
+                time.sleep(0.01)
+            for left, sock in enumerate(socks, 1):
+                sock.close()
+                closed = time.perf_counter()
+                while status_of(upstream.port, headers)["generating"] > count - left:
+                    if time.perf_counter() > closed + 5:
+                        break
+                stops.append(time.perf_counter() - closed)
+        except (OSError, KeyError, ValueError, RuntimeError) as error:
+            row["stop error"] = repr(error)
+        p50, p99, most = percentiles(stops)
+        row |= {"stops": len(stops), "stop p50 ms": p50 * 1000, "stop p99 ms": p99 * 1000}
+        return row | {"stop max ms": most * 1000}
+
+
+def viewers(name: str, count: int, stalled: int, args: argparse.Namespace) -> dict:
+    """`count` viewers that read, and `stalled` that read nothing, of step 10 or of its peer,
+    one sample a second, for `args.seconds` once all are open."""
+    print(f"viewers: {name}, {count:,} + {stalled:,} stalled ...", file=sys.stderr, flush=True)
+    env = {"DASHBOARD_EVERY": "1"}
+    fill = {"connections": count + stalled + 100, "backlog": args.backlog}
+    clock = time.time() - time.perf_counter()  # from perf_counter to Unix seconds
+    with Server(VIEWER_SERVERS[name], env=env, **fill) as server, contextlib.ExitStack() as held:
+        # One viewer first, gone at once: the step starts its sampler (and imports psutil) on
+        # its first request, the peer at start; neither belongs in the memory per viewer.
+        with socket.create_connection((HOST, server.port), timeout=10) as sock:
+            sock.sendall(get_request("/events"))
+            while b"retry:" not in sock.recv(1 << 16):
+                pass
+        for _ in range(stalled):  # they ask, then never read a byte
+            sock = held.enter_context(socket.create_connection((HOST, server.port)))
+            sock.sendall(get_request("/events"))
+        readers = [SampleStream(server.port) for _ in range(count)]
+        usage, opened, rss = Usage({"server": [server]}), [], []
+
+        def enough(now: float) -> bool:  # every viewer open (or failed), then `seconds` more
+            if not opened and all(v.opened or v.error for v in readers):
+                opened.append(now)
+                rss.append(server.rss())
+            return bool(opened) and now >= opened[0] + args.seconds
+
+        with PeakMemory([server]) as memory:
+            started = time.perf_counter()
+            run_streams(readers, started + OPEN_TIMEOUT + args.seconds, args.window, enough)
+        rss.append(server.rss())
+        row = {"server": name, "viewers": count, "stalled": stalled}
+        row["errors"] = sum(viewer.error is not None for viewer in readers)
+        row["open s"] = (opened or [started])[0] - started
+        # From each sample taken once all were open to the last reader that got it.
+        since, last, got = clock + (opened or [started])[0], {}, 0
+        for viewer in readers:
+            for taken, at in zip(viewer.taken, viewer.times, strict=False):  # in order
+                if taken >= since:
+                    last[taken] = max(last.get(taken, 0.0), clock + at - taken)
+                    got += 1
+        p50, p99, most = percentiles(list(last.values()))
+        row |= {"samples": len(last), "skipped": len(last) * count - got}
+        row |= {"to last viewer p50 ms": p50 * 1000, "to last viewer p99 ms": p99 * 1000}
+        row["to last viewer max ms"] = most * 1000
+        row["RSS KB/viewer"] = memory.growth / 1024 / (count + stalled)
+        row["RSS growth watching MB"] = (rss[-1] - rss[0]) / 2**20 if len(rss) == 2 else None
+        return row | usage.stop() | {"error kinds": errors_by_kind(readers)}
+
+
 def table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return lines + [
@@ -983,7 +1288,7 @@ def format_cell(column: str, value) -> str:
 def check(text: str, figure: str, met: bool | None) -> dict:
     """A target: what it asks, what this run measured, and whether it is met (None: the run
     did not measure it)."""
-    return {"target": text, "figure": figure, "met": bool(met)}
+    return {"target": text, "figure": figure, "met": None if met is None else bool(met)}
 
 
 def targets(results: dict) -> list[dict]:
@@ -1087,22 +1392,118 @@ def targets(results: dict) -> list[dict]:
                 met,
             )
         )
+        full = top is not None and top["subscribers"] >= 5000  # the targets' size, measured
         figure = f"p99 {top['latency p99 ms']:,.0f} ms at {top['subscribers']:,}" if top else "-"
-        checks.append(
-            check("fan-out p99 latency within 500 ms", figure, top and top["latency p99 ms"] <= 500)
-        )
+        met = top["latency p99 ms"] <= 500 if full else None
+        checks.append(check("fan-out p99 latency within 500 ms at 5,000", figure, met))
         reference = [
             row
             for row in rows
             if row["setup"] == FANOUT_REFERENCE and top and row["subscribers"] == top["subscribers"]
         ]
-        text = "Flask with gevent within 1.2 x the reference's p99 latency"
-        if top and reference:
-            mine, theirs = top["latency p99 ms"], reference[0]["latency p99 ms"]
-            figure = f"{mine:,.0f} ms / {theirs:,.0f} ms = {mine / theirs:.2f} x"
-            checks.append(check(text, figure, mine <= 1.2 * theirs))
+        # Counted from the room's first message: each at most the reference's, in this run.
+        for column, unit in (
+            ("latency p50 ms", "ms"),
+            ("latency p99 ms", "ms"),
+            ("server CPU µs/delivery", "µs"),
+        ):
+            text = (
+                f"fan-out {column.removesuffix(' ' + unit)} at 5,000 at most 1.0 x the reference's"
+            )
+            if top and reference and column in top and column in reference[0]:
+                mine, theirs = top[column], reference[0][column]
+                figure = f"{top['subscribers']:,}: {mine:,.1f} {unit} / {theirs:,.1f} {unit}"
+                figure += f" = {mine / theirs:.2f} x"
+                checks.append(check(text, figure, mine <= theirs if full else None))
+            else:
+                checks.append(check(text, "no reference in this run", None))
+    checks += peer_targets(results)
+    return checks
+
+
+def against_peer(
+    text: str, rows: list[dict], key: str, size: int, column: str, step: str, peer: str
+) -> dict:
+    """A target: `column` of the step at `size` at most 1.0 x its peer's, in this run."""
+    mine = [row for row in rows if row["server"] == step and row[key] == size]
+    theirs = [row for row in rows if row["server"] == peer and row[key] == size]
+    if not (mine and theirs):
+        return check(text, f"not measured at {size:,} in this run", None)
+    if failed := [row["server"] for row in (*mine, *theirs) if row["errors"]]:
+        return check(text, f"{size:,}: errors in {', '.join(failed)}: not comparable", None)
+    a, b = mine[0][column], theirs[0][column]
+    if a is None or b is None or a != a or b != b:  # NaN: nothing to compare
+        return check(text, f"{size:,}: no figure ({a} / {b})", None)
+    return check(text, f"{size:,}: {a:,.1f} / {b:,.1f} = {a / b:.2f} x", a <= b)
+
+
+def peer_targets(results: dict) -> list[dict]:
+    """Steps 9 and 10 against their peers (issue 24), only where this run measured them."""
+    checks = []
+    rows = results.get("completions", [])
+    for size in (1000, 5000):
+        for column in ("first token p99 ms", "late p99 ms", "RSS KB/stream", "server CPU µs/token"):
+            text = f"step 9 at {size:,} completions: {column} at most 1.0 x the peer's"
+            checks.append(against_peer(text, rows, "completions", size, column, LLM_STEP, LLM_PEER))
+        mine = [row for row in rows if row["server"] == LLM_STEP and row["completions"] == size]
+        figure = f"{mine[0]['errors']:,} errors" if mine else f"not measured at {size:,}"
+        met = mine[0]["errors"] == 0 if mine else None
+        checks.append(check(f"step 9 at {size:,} completions: 0 errors", figure, met))
+    relayed = results.get("relay", [])
+    row = relayed[0] if relayed and relayed[0]["streams"] >= 100 else None
+    figure = f"{row['added p99 ms']:,.1f} ms" if row else "not measured with 100 streams"
+    met = row["added p99 ms"] <= 5 and not row["errors"] if row else None
+    checks.append(check("relay: latency added to each token, p99, at most 5 ms", figure, met))
+    figure = f"{row['stop p99 ms']:,.0f} ms" if row else "not measured with 100 streams"
+    met = row["stops"] == row["streams"] and row["stop p99 ms"] <= 100 if row else None
+    checks.append(
+        check("relay: the upstream stops within 100 ms of a client leaving, p99", figure, met)
+    )
+    rows = results.get("viewers", [])
+    calm = [row for row in rows if not row["stalled"]]
+    for size in (1000, 10_000):
+        text = f"step 10 at {size:,} viewers: RSS per viewer at most 0.8 x the peer's"
+        found = against_peer(text, calm, "viewers", size, "RSS KB/viewer", VIEW_STEP, VIEW_PEER)
+        if found["met"] is not None:  # 0.8, not 1.0 (and the same rows, without errors)
+            a, b = (
+                r["RSS KB/viewer"]
+                for n in (VIEW_STEP, VIEW_PEER)
+                for r in calm
+                if r["server"] == n and r["viewers"] == size
+            )
+            found["met"] = a <= 0.8 * b
+        checks.append(found)
+        mine = {
+            bool(r["stalled"]): r for r in rows if r["server"] == VIEW_STEP and r["viewers"] == size
+        }
+        text = f"step 10 at {size:,}: with one viewer in ten stalled, the others' p99 within 1.1 x"
+        if len(mine) == 2 and any(
+            r["errors"] or r["RSS growth watching MB"] is None for r in mine.values()
+        ):
+            checks.append(check(text + ", memory flat", "viewers failed: not comparable", None))
+        elif len(mine) == 2:
+            a, b = mine[True]["to last viewer p99 ms"], mine[False]["to last viewer p99 ms"]
+            figure = f"{a:,.0f} ms / {b:,.0f} ms = {a / b:.2f} x; memory while watching "
+            figure += f"{mine[True]['RSS growth watching MB']:+.1f} MB"
+            checks.append(
+                check(
+                    text + ", memory flat",
+                    figure,
+                    a <= 1.1 * b and abs(mine[True]["RSS growth watching MB"]) < 5,
+                )
+            )
         else:
-            checks.append(check(text, "no reference in this run", None))
+            checks.append(check(text + ", memory flat", "not measured", None))
+    top = [r for r in calm if r["server"] == VIEW_STEP and r["viewers"] >= 10_000]
+    figure = f"{top[0]['to last viewer p99 ms']:,.0f} ms" if top else "not measured at 10,000"
+    if top and top[0]["errors"]:
+        figure += f", {top[0]['errors']:,} viewers failed"
+    met = top[0]["to last viewer p99 ms"] <= 500 and not top[0]["errors"] if top else None
+    checks.append(
+        check(
+            "step 10 at 10,000 viewers: sample to its last viewer, p99, within 0.5 s", figure, met
+        )
+    )
     return checks
 
 
@@ -1148,7 +1549,8 @@ def report(results: dict) -> list[str]:
         "",
     ]
     lines += [
-        f"- {'met' if t['met'] else 'NOT MET'}: {t['target']} ({t['figure']})"
+        f"- {'met' if t['met'] else 'NOT MEASURED' if t['met'] is None else 'NOT MET'}: "
+        f"{t['target']} ({t['figure']})"
         for t in results["targets"]
     ]
     lines.append("")
@@ -1179,6 +1581,31 @@ def report(results: dict) -> list[str]:
         lines += [
             f"## Fan-out: the chat step, one poster at {settings['rate']:g} messages/s for "
             f"{settings['seconds']:g} s",
+            "",
+            *table(rows, list(rows[0])),
+            "",
+        ]
+    if rows := results.get("completions"):
+        lines += [
+            f"## Completions: step 9 and its peer, {TOKENS} tokens each at {PACE:g} tokens/s, "
+            "on one process",
+            "",
+            *table(rows, list(rows[0])),
+            "",
+        ]
+    if rows := results.get("relay"):
+        lines += [
+            f"## Relay: step 9 as a gateway, {TOKENS} tokens each at {PACE:g} tokens/s from an "
+            "upstream that notes when it wrote each; then, in front of step 9, the clients "
+            "leave one at a time",
+            "",
+            *table(rows, list(rows[0])),
+            "",
+        ]
+    if rows := results.get("viewers"):
+        lines += [
+            "## Viewers: step 10 and its peer, a sample a second, for "
+            f"{settings['seconds']:g} s once all are open",
             "",
             *table(rows, list(rows[0])),
             "",
@@ -1232,6 +1659,30 @@ def main(argv: list[str] | None = None) -> int:
         metavar="V,V,...",
         help="run the dashboard part (ladder: 100,1000)",
     )
+    parser.add_argument(
+        "--completions",
+        nargs="?",
+        const=[],
+        type=ladder,
+        metavar="N,N,...",
+        help="run step 9 against its sse-starlette peer (ladder: 1000,5000)",
+    )
+    parser.add_argument(
+        "--relay",
+        nargs="?",
+        const=0,
+        type=int,
+        metavar="N",
+        help="run step 9's relay, N streams (100)",
+    )
+    parser.add_argument(
+        "--viewers",
+        nargs="?",
+        const=[],
+        type=ladder,
+        metavar="V,V,...",
+        help="run step 10 against its sse-starlette peer (ladder: 1000,10000)",
+    )
     parser.add_argument("--chunks", type=int, help="capacity: chunks per stream (30)")
     parser.add_argument("--interval", type=float, help="capacity: seconds between chunks (1)")
     parser.add_argument("--rate", type=float, help="fan-out: messages a second (10)")
@@ -1254,20 +1705,28 @@ def main(argv: list[str] | None = None) -> int:
 
     run_capacity, run_fanout = args.capacity is not None, args.fanout is not None
     run_dashboard = args.dashboard is not None
-    everything = not (args.streams or run_capacity or run_fanout or run_dashboard)
+    peers = {"completions": args.completions, "relay": args.relay, "viewers": args.viewers}
+    run_peers = {part for part, value in peers.items() if value is not None}
+    everything = not (args.streams or run_capacity or run_fanout or run_dashboard or run_peers)
     run_capacity, run_fanout = run_capacity or everything, run_fanout or everything
     run_dashboard = run_dashboard or everything
+    run_peers = set(peers) if everything else run_peers
     quick = args.quick
     args.capacity = args.capacity or ([100, 300] if quick else [1000, 5000, 10_000])
     args.fanout = args.fanout or ([20, 60] if quick else [500, 1000, 2500, 5000])
     args.dashboard = args.dashboard or ([20, 100] if quick else [100, 1000])
+    args.completions = args.completions or ([50] if quick else [1000, 5000])
+    args.relay = args.relay or (5 if quick else 100)
+    args.viewers = args.viewers or ([50] if quick else [1000, 10_000])
     args.chunks = args.chunks or (5 if quick else 30)
     args.interval = args.interval if args.interval is not None else (0.5 if quick else 1.0)
     args.rate = args.rate or 10.0
     args.seconds = args.seconds or (2.0 if quick else 10.0)
     args.window = args.window or None
 
-    fits, note = open_file_limit(max(args.capacity + args.fanout + args.dashboard))
+    # The relay's streams go through two servers on this machine: two files each, here.
+    wanted = [*args.capacity, *args.fanout, *args.dashboard, *args.completions, 2 * args.relay]
+    fits, note = open_file_limit(max(wanted + [v + v // 9 for v in args.viewers]))
     print(note, file=sys.stderr)
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1307,6 +1766,36 @@ def main(argv: list[str] | None = None) -> int:
             for count in args.dashboard
             for name in DASHBOARD_SETUPS
         ]
+    steps = {"completions": "stream_server_llm.py", "viewers": "stream_server_dashboard.py"}
+    for part in sorted(run_peers):
+        missing = steps.get(part, steps["completions"])
+        if not (ROOT / missing).exists():
+            print(f"({part}: no {missing} in this repository yet)", file=sys.stderr)
+            continue
+        if part == "relay":
+            results["relay"] = [relay(min(args.relay, fits // 2), args)]
+            continue
+        servers = VIEWER_SERVERS if part == "viewers" else COMPLETION_SERVERS
+        if not HAS_SSE_STARLETTE:
+            print(
+                f"({part}: no sse-starlette peer: pip install -r bench/requirements.txt"
+                ", on Python 3.11 or later)",
+                file=sys.stderr,
+            )
+            servers = {name: servers[name] for name in list(servers)[:1]}
+        if part == "completions":
+            results["completions"] = [
+                completions(name, min(count, fits), args)
+                for count in args.completions
+                for name in servers
+            ]
+        else:  # each rung without stalled viewers, then with one in ten stalled
+            results["viewers"] = [
+                viewers(name, min(count, fits), stalled, args)
+                for count in args.viewers
+                for stalled in (0, max(1, count // 9))
+                for name in servers
+            ]
     results["load"].append(os.getloadavg()[0])
     results["targets"] = targets(results)
     lines = report(results)
@@ -1328,6 +1817,9 @@ def exit_status(results: dict, check_targets: bool) -> int:
         for row in results.get("fanout", []):
             failed += row["errors"] + row["post errors"] + row["lost"] + row["duplicated"]
         failed += sum(row["reading, errors"] for row in results.get("dashboard", []))
+        for part in ("completions", "viewers"):
+            failed += sum(row["errors"] for row in results.get(part, []))
+        failed += sum(row["errors"] for row in results.get("relay", []))
     missed = check_targets and not all(target["met"] for target in results["targets"])
     return 1 if failed or missed else 0
 

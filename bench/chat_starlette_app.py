@@ -16,12 +16,12 @@ import json
 import os
 from collections.abc import AsyncIterator
 
-import jwt
 import redis.asyncio as redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette_auth import user_of
 
 QUEUE = 1000  # messages waiting for one subscriber, as in the chat step
 HISTORY = 1000  # messages a room keeps, about (XADD MAXLEN ~)
@@ -81,22 +81,6 @@ class Broker:
 
 
 broker = Broker(os.environ["REDIS_URL"])
-
-
-def user_of(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    try:
-        decoded = jwt.decode_complete(
-            token.strip(),
-            os.environ["JWT_SECRET_KEY"],
-            algorithms=["HS256"],
-            options={"require": ["exp", "iat", "sub"]},
-        )
-    except jwt.PyJWTError:
-        return None
-    return decoded["payload"]["sub"] if decoded["header"].get("typ") == "at+jwt" else None
 
 
 async def post_message(request: Request) -> Response:

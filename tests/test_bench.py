@@ -227,3 +227,97 @@ def test_the_dashboard_part_measures_its_viewers(monkeypatch):
         row = bench.dashboard(name, 10, args)
         assert (row["viewers"], row["stalled"], row["reading, errors"]) == (10, 1, 0)
         assert row["samples/s"] > 0 and row["gap p50 ms"] > 0 and row["skipped"] >= 0
+
+
+needs_peer = pytest.mark.skipif(
+    not bench.HAS_SSE_STARLETTE, reason="the peers need sse-starlette: bench/requirements.txt"
+)
+
+
+def token_chunk(token: str) -> bytes:
+    return chunk(
+        f'data: {{"id": "c", "choices": [{{"delta": {{"content": "{token}"}}}}]}}\n\n'.encode()
+    )
+
+
+def test_a_completion_counts_each_token_once_however_the_reads_split_it():
+    stream = bench.CompletionStream(1, "q", 2, {})
+    role = chunk(b'data: {"choices": [{"delta": {"role": "assistant", "content": ""}}]}\n\n')
+    body = role + token_chunk("Hi") + token_chunk(" there") + chunk(b"data: [DONE]\n\n")
+    body += b"0\r\n\r\n"
+    cut = body.index(b'"content": " there') + 5  # a token's line in two reads
+    blocks = [HEAD + body[:cut], body[cut:-3], body[-3:]]  # the final chunk in two, too
+    assert [stream.receive(block, n) for n, block in enumerate(blocks)] == [False, False, True]
+    assert (stream.arrivals, stream.opened, stream.done, stream.error) == ([0, 1], 0, True, None)
+    assert stream.texts == [b"Hi", b" there"]
+
+
+def test_a_completion_without_done_or_a_token_counts_as_failed():
+    stream = bench.CompletionStream(1, "q", 3, {})
+    assert stream.receive(HEAD + token_chunk("Hi") + b"0\r\n\r\n", 0)
+    assert stream.error == "1 of 3 tokens, [DONE] False"
+    cut = bench.CompletionStream(1, "q", 3, {})
+    assert not cut.receive(HEAD + token_chunk("Hi"), 0)
+    assert cut.receive(b"", 1)
+    assert cut.error == "cut short after 1 of 3 tokens"
+
+
+def test_a_viewer_records_when_each_sample_was_taken():
+    stream = bench.SampleStream(1)
+    events = b'id: 7\nevent: sample\ndata: {"time": 1700000000.25, "viewers": 1}\n\n'
+    events += b'id: 8\r\nevent: sample\r\ndata: {"time": 1700000001.5}\r\n\r\n'  # sse-starlette's
+    assert not stream.receive(HEAD + chunk(b"retry: 2000\n\n") + chunk(events), 0)
+    assert (stream.ids, stream.taken) == ([7, 8], [1700000000.25, 1700000001.5])
+
+
+def test_targets_a_run_did_not_measure_are_never_met():
+    """A quick run's small rungs measure the harness, not the targets: every target of issue
+    24 then says NOT MEASURED, and --check fails on it."""
+    results = {"settings": {"quick": True, "window": 1000, "rate": 10.0}}
+    results["completions"] = [
+        {"server": name, "completions": 20, "errors": 0, "first token p99 ms": 1.0}
+        for name in (bench.LLM_STEP, bench.LLM_PEER)
+    ]
+    results["fanout"] = [
+        {
+            "setup": bench.FANOUT_FLASK,
+            "subscribers": 60,
+            "deliveries/s": 600.0,
+            "post rate/s": 10,
+            "lost": 0,
+            "duplicated": 0,
+            "errors": 0,
+            "post errors": 0,
+            "latency p50 ms": 1.0,
+            "latency p99 ms": 2.0,
+            "server CPU µs/delivery": 10.0,
+        },
+    ]
+    results["fanout"].append(results["fanout"][0] | {"setup": bench.FANOUT_REFERENCE})
+    targets = bench.targets(results)
+    assert targets and all(target["met"] is None for target in targets[1:])
+    assert targets[0]["met"] is False  # 60 subscribers are not 5,000: measured, and short
+    results["targets"] = targets
+    assert bench.exit_status(results, check_targets=True) == 1
+
+
+@pytest.mark.parametrize("name", [bench.LLM_STEP, pytest.param(bench.LLM_PEER, marks=needs_peer)])
+def test_the_completions_part_measures_step_9_and_its_peer(name):
+    args = argparse.Namespace(window=None, backlog=128)
+    row = bench.completions(name, 5, args)
+    assert (row["completions"], row["completed"], row["errors"]) == (5, 5, 0)
+    assert row["tokens"] == 5 * bench.TOKENS and row["first token p99 ms"] > 0
+
+
+def test_the_relay_part_measures_what_the_gateway_adds_and_how_soon_the_upstream_stops():
+    row = bench.relay(3, argparse.Namespace(backlog=128))
+    assert (row["errors"], row["tokens"], row["stops"]) == (0, 3 * bench.TOKENS, 3)
+    assert row["added p50 ms"] > 0  # each token reached the client after its upstream wrote it
+    assert "stop error" not in row and row["stop max ms"] < 5000  # each one did stop
+
+
+@pytest.mark.parametrize("name", [bench.VIEW_STEP, pytest.param(bench.VIEW_PEER, marks=needs_peer)])
+def test_the_viewers_part_measures_step_10_and_its_peer(name):
+    row = bench.viewers(name, 5, 1, argparse.Namespace(seconds=2.5, window=None, backlog=128))
+    assert (row["viewers"], row["stalled"], row["errors"]) == (5, 1, 0)
+    assert row["samples"] >= 1 and row["to last viewer p99 ms"] > 0

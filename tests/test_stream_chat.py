@@ -359,6 +359,23 @@ def test_a_slow_subscriber_is_let_go_with_overflow(chat, client, room, monkeypat
     resumed.close()
 
 
+def test_a_subscriber_behind_gets_what_waits_in_one_write(chat, client, room):
+    """The messages queued while a stream was not read go out together, in one chunk: one
+    write and one switch for them all, not one each (bench/README.md measures it)."""
+    headers = bearer(token_for("Behind"))
+    behind = client.get(f"/rooms/{room}/events", headers=headers)
+    body = iter(behind.response)
+    assert next(body) == b"retry: 2000\n\n"
+    inbox = next(iter(chat.inboxes[room]))
+    ids = [
+        client.post(f"/rooms/{room}/messages", json={"text": f"{n}"}, headers=headers).json["id"]
+        for n in range(3)
+    ]
+    wait_until(lambda: inbox.qsize() == 3)
+    assert [event.id for event in SSEParser().feed(next(body).decode())] == ids
+    behind.close()
+
+
 @only_redis
 def test_redis_down_and_back(chat, base, room, follow, redis_server):
     alice = follow(base, room, "Alice")
