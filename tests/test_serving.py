@@ -11,6 +11,7 @@ import runpy
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -259,6 +260,30 @@ def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_cla
     assert "open streams are cut" in output
 
 
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_ctrl_c_stops_gunicorn_at_once_while_a_worker_starts(worker_class, gunicorn):
+    # A worker sets its own signal handlers only once it has started (a gevent worker after
+    # patching the standard library). Before, it had the master's until then, which queued
+    # a signal where no one read it: a Ctrl-C in that moment was lost, and the master killed
+    # the worker after graceful_timeout. SIGTTIN makes gunicorn start one more worker, so
+    # each round signals into that moment; under gevent, every round was lost.
+    for _ in range(3):
+        server = gunicorn("stream_server_multiuser", worker_class)
+        server.wait_for_line(r"Booting worker with pid: (\d+)")
+        sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
+        with sock, wire:
+            show_chunks.read_head(wire)
+            next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
+            os.kill(server.process.pid, signal.SIGTTIN)
+            server.wait_for_line(r"Booting worker with pid: (\d+)")
+            os.killpg(server.process.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+            server.process.wait(WAIT)
+        server.wait_for_line(r"Shutting down: Master")
+        output = "".join(server.log)
+        assert "was sent" not in output, output  # SIGKILL, or any other signal
+        assert "Traceback" not in output, output
+
+
 def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines(gunicorn):
     server = gunicorn("stream_server", "gthread")
     forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
@@ -374,6 +399,47 @@ def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monk
         # The server closes the connection (b""); before, recv() waited on for WAIT seconds.
         assert idle.recv(1) == b""
     minted = requests.post(
+        f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
+    )
+    assert minted.status_code == 200, minted.text
+
+
+def trickled_until_cut(sock: socket.socket, head: bytes, every: float) -> int:
+    """Send `head` one byte every `every` seconds while the server keeps the connection
+    open; give how many bytes went before it closed it (all of them if it never did)."""
+    sock.settimeout(every)  # each wait for the server's end is the pause between two bytes
+    for sent in range(len(head)):
+        try:
+            sock.sendall(head[sent : sent + 1])
+            if not sock.recv(1024):
+                return sent + 1
+        except TimeoutError:  # still open (over TLS, a session ticket may have come)
+            continue
+        except OSError:  # reset, or a broken pipe: closed as well
+            return sent + 1
+    return len(head)
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_request_head_sent_a_byte_at_a_time_gets_one_deadline(
+    https, tls, dev_server, monkeypatch
+):
+    # One byte every 0.05 s never leaves the connection silent for the 0.3 s timeout. Before,
+    # the timeout was on each read, so such a client held its thread for as long as it liked;
+    # now the whole head must be in within the timeout, as under gunicorn and nginx.
+    monkeypatch.setattr(secure.RequestHandler, "timeout", 0.3)  # REQUEST_TIMEOUT, 5 s
+    url = dev_server(secure, tls if https else None)
+    head = b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"." * 60 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=WAIT) as raw:
+        if https:  # the handshake at full speed; then each byte of the head in a record
+            client = ssl.create_default_context(cafile=tls.ca_file)
+            sock = client.wrap_socket(raw, server_hostname="127.0.0.1")
+        else:
+            sock = raw
+        with sock:
+            sent = trickled_until_cut(sock, head, every=0.05)
+    assert sent < len(head), "the server waited for the whole head"
+    minted = requests.post(  # and the server serves on
         f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
     )
     assert minted.status_code == 200, minted.text
