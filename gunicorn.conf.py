@@ -28,10 +28,11 @@ worker_connections = 1000
 timeout = 30
 # Stopping. Ctrl-C (SIGINT, which the terminal sends to the master and the workers alike)
 # and SIGQUIT are gunicorn's quick shutdown: worker_int below ends each worker at once, and
-# its open streams with it (post_fork, one that is still starting). SIGTERM (kill, systemd) is the graceful one: the workers stop
-# accepting and give the requests under way graceful_timeout seconds to finish, then
-# gunicorn ends them. A stream may run for hours, so waiting gunicorn's default 30 s only
-# delays every stop and restart; 5 s lets a token request finish. The clients of cut
+# its open streams with it (post_fork, one that is still starting). SIGTERM (kill,
+# systemd) is the graceful one: the workers stop accepting and give the requests under
+# way graceful_timeout seconds to finish, then gunicorn ends them. A stream may run for
+# hours, so waiting gunicorn's default 30 s only delays every stop and restart; 5 s lets
+# a token request finish. The clients of cut
 # streams see the connection close without the final chunk.
 graceful_timeout = 5
 # Seconds a client may accept no data before its stream is ended and its thread or greenlet

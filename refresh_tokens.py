@@ -72,6 +72,10 @@ class RefreshTokenLedger:
             logger.warning("REDIS_URL is unset: reuse is detected within this process only")
         self._opened = True
 
+    def __len__(self) -> int:
+        """Entries kept in this process's memory (none with Redis): bounded by expiry."""
+        return len(self._memory)
+
     def _store(self) -> redis.Redis | None:
         with self._lock:
             if not self._opened:

@@ -54,6 +54,7 @@ class Broker:
         self.cursors: dict[str, str] = {}  # room: the newest id queued here
         self.inboxes: dict[str, dict[queue.Queue, str]] = {}  # room: {inbox: its user}
         self.changed = True  # presence to write at once
+        self.reads = 0  # XREADs so far: a reader that blocks does few, one that spins, many
         threading.Thread(target=self.read, daemon=True).start()
 
     def subscribe(self, room: str, user: str, last_id: str | None) -> tuple:
@@ -103,6 +104,7 @@ class Broker:
                 with self.lock:
                     streams = {f"chat:{room}": cursor for room, cursor in self.cursors.items()}
                 streams[self.wake_key] = woken
+                self.reads += 1
                 for key, messages in self.reader.xread(streams, count=100, block=int(every * 1000)):
                     if key == self.wake_key:
                         woken = messages[-1][0]

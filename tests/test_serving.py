@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 import requests
-from flask import Flask
+from flask import Flask, request
 
 import serving
 import show_chunks
@@ -312,6 +312,7 @@ def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines(gunicorn):
 
 DEV_STEPS = [
     "stream_server",
+    "stream_server_chat",
     "stream_server_multiuser",
     "stream_server_multiuser_secure",
     "stream_server_sse",
@@ -361,6 +362,9 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
     if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
         monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
     monkeypatch.setattr(serving, "WRITE_TIMEOUT", 0.5)  # 90 s by default
+    # Far beyond WAIT: only the write timeout can end the stream in time. (With the request
+    # timeout's 5 s, a stream whose write timeout was never set still ended, only later.)
+    monkeypatch.setattr(multiuser.RequestHandler, "timeout", 600)
     monkeypatch.setattr(multiuser, "tracker", multiuser.StreamTracker())  # nothing served yet
     caplog.set_level(logging.INFO, logger=multiuser.__name__)
     url = dev_server(multiuser)
@@ -369,6 +373,30 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
         # stayed active, its thread blocked in a write, for as long as the client did.
         wait_until(lambda: started_and_ended(stream_status(url)))
     assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
+
+
+@pytest.mark.parametrize("timer", ["TCP_USER_TIMEOUT", "settimeout"])
+def test_once_the_request_is_in_only_the_write_timeout_holds(timer, serve, monkeypatch):
+    # What a slow reader meets while the answer is written: the write timeout, 90 s, and
+    # nothing left of the request's. Before, a socket left with the request timeout cut
+    # off a client that paused reading for longer than that.
+    if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
+        monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
+    app = Flask(__name__)
+
+    @app.get("/")
+    def timeouts():
+        """The connection's timeouts, as the answer is written."""
+        sock = request.environ["werkzeug.socket"]
+        linux = sys.platform == "linux"  # where TCP_USER_TIMEOUT is option 18, set or not
+        kernel = sock.getsockopt(socket.IPPROTO_TCP, 18) if linux else 0
+        return {"python": sock.gettimeout(), "kernel": kernel}
+
+    answer = requests.get(serve(app, request_handler=serving.RequestHandler), timeout=WAIT)
+    if timer == "settimeout" or sys.platform != "linux":
+        assert answer.json() == {"python": serving.WRITE_TIMEOUT, "kernel": 0}
+    else:
+        assert answer.json() == {"python": None, "kernel": serving.WRITE_TIMEOUT * 1000}
 
 
 @pytest.mark.parametrize("module", list(TLS_STEPS))

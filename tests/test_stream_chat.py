@@ -24,6 +24,7 @@ import redis
 import requests
 from selenium.webdriver.common.by import By
 
+import rooms
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
@@ -35,7 +36,9 @@ from helpers import (
     free_port,
     only_help,
     port_of,
+    run_step,
     save_screenshot,
+    stop_step,
     token_for,
     wait_in_page,
     wait_until,
@@ -311,18 +314,86 @@ def test_quiet_streams_carry_keep_alive_comments(client, room, monkeypatch):
     response = client.get(f"/rooms/{room}/events", headers=bearer(token_for("Alice")))
     body = iter(response.response)
     assert next(body) == b"retry: 2000\n\n"
+    # One keep-alive after another, and the stream still carries a message after them.
     assert next(body) == b": keep-alive\n\n"
+    assert next(body) == b": keep-alive\n\n"
+    message_id = client.post(
+        f"/rooms/{room}/messages", json={"text": "still here"}, headers=bearer(token_for("Bob"))
+    ).json["id"]
+    while (chunk := next(body)) == b": keep-alive\n\n":
+        pass
+    assert chunk.startswith(f"id: {message_id}\nevent: message\n".encode())
     response.close()
 
 
 def test_presence_counts_open_streams_per_user(base, room, follow, monkeypatch):
     monkeypatch.setattr(server, "HEARTBEAT", 0.05)  # a stream that lost its client notices soon
+    # Presence is rewritten every PRESENCE_TTL / 3 seconds anyway: 20 s here, beyond what
+    # wait_until waits, so each change below shows because the change itself wrote it.
+    monkeypatch.setitem(server.app.config, "PRESENCE_TTL", 60)
     assert presence(base, room) == {}
     alice = [follow(base, room, "Alice") for _ in range(2)]
     follow(base, room, "Bob")
     wait_until(lambda: presence(base, room) == {"Alice": 2, "Bob": 1})
     alice[0].close()
     wait_until(lambda: presence(base, room) == {"Alice": 1, "Bob": 1})
+
+
+def test_a_join_that_redis_fails_halfway_leaves_no_one_behind(
+    chat, base, room, follow, monkeypatch
+):
+    # The join has added its inbox when reading the history fails: the inbox must go again,
+    # or it would wait for messages for ever and presence would count its user.
+    monkeypatch.setitem(server.app.config, "PRESENCE_TTL", 60)  # see the test above
+    follow(base, room, "Bob")
+    wait_until(lambda: presence(base, room) == {"Bob": 1})
+
+    def xrange(*args, **kwargs):
+        raise redis.ConnectionError("the test cut Redis off")
+
+    with monkeypatch.context() as cut:
+        cut.setattr(chat.redis, "xrange", xrange)
+        response = requests.get(
+            f"{base}/rooms/{room}/events",
+            headers={**bearer(token_for("Alice")), "Last-Event-ID": "1-0"},
+            timeout=WAIT,
+        )
+    assert response.status_code == 503, response.text
+    follow(base, room, "Carol")  # counted after Alice's join failed
+    wait_until(lambda: presence(base, room) == {"Bob": 1, "Carol": 1})
+
+
+def test_the_reader_blocks_between_messages_instead_of_spinning(chat, base, room, follow):
+    # Each XREAD waits for something new; one that returned the same wake-up again and again
+    # would spin, using a core and Redis, with nothing to show but its count of reads.
+    alice = follow(base, room, "Alice")
+    post(base, room, "first")
+    alice.wait_for(1)
+    reads = chat.reads
+    for n in range(3):
+        post(base, room, f"more {n}")
+        alice.wait_for(2 + n)
+    assert chat.reads - reads <= 10
+
+
+def test_while_redis_is_down_the_reader_waits_a_second_between_tries(monkeypatch, caplog):
+    tries, parked = threading.Semaphore(0), threading.Event()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the third wait parks the reader for good
+        waits.append(seconds)
+        tries.release()
+        if len(waits) == 3:
+            parked.wait()
+
+    monkeypatch.setattr(rooms, "sleep", sleep)
+    down = redis.Redis(port=free_port(), decode_responses=True)  # nothing listens there
+    rooms.Broker(down, {"QUEUE": 10, "PRESENCE_TTL": 30}, server.message_event)
+    for _ in range(3):
+        assert tries.acquire(timeout=WAIT), "the reader never waited"
+    assert waits == [1, 1, 1]
+    # It says so once, not at every try.
+    assert caplog.text.count("Redis failed") == 1
 
 
 def test_a_slow_subscriber_is_let_go_with_overflow(chat, client, room, monkeypatch):
@@ -503,6 +574,28 @@ def test_the_server_starts_while_redis_is_down_and_answers_503(monkeypatch):
     parked, broker = threading.Event(), server.app.extensions.pop("chat")
     broker.write_presence = lambda: parked.set() or threading.Event().wait()
     assert parked.wait(WAIT), "the reader never tried again"
+
+
+def test_the_server_serves_when_started_as_its_docstring_says(tmp_path, monkeypatch):
+    # python stream_server_chat.py, with no REDIS_URL: the rooms in this one process.
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    port, log = free_port(), tmp_path / "chat.log"
+    process = run_step("stream_server_chat.py", log, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        minted = requests.post(f"{base}/generate_token", json={"user_id": "Al"}, timeout=WAIT)
+        bob = Follower(base, "lobby", "Bob")
+        posted = requests.post(
+            f"{base}/rooms/lobby/messages", json={"text": "hello"}, timeout=WAIT,
+            headers=bearer(minted.json()["access_token"]),
+        )
+        assert posted.status_code == 201, posted.text
+        [message] = bob.wait_for(1)
+        assert (message["user"], message["text"]) == ("Al", "hello")
+        bob.close()
+    finally:
+        stop_step(process)
+    assert "REDIS_URL is unset: rooms live in this process" in log.read_text()
 
 
 def test_a_history_below_one_is_refused_at_start():

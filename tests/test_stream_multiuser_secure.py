@@ -151,12 +151,57 @@ def test_the_secret_comes_from_the_environment(monkeypatch):
 # Streaming with a token
 
 
-def test_a_token_from_a_clock_slightly_ahead_is_accepted(client):
-    # Any host may check any host's tokens: a second of clock difference is no reason to refuse.
-    ahead = int(time.time()) + 1
-    response = client.get("/stream?count=1", headers=bearer(token_for(iat=ahead)))
-    assert response.status_code == 200, response.text
-    assert tokens.CLOCK_LEEWAY >= 1
+class FrozenClock(datetime):
+    """PyJWT's clock (datetime.now), stopped at FROZEN, so that a test can stand at a boundary."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.fromtimestamp(FROZEN, tz)
+
+
+FROZEN = 2_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("claims", "problem"),
+    [
+        ({"iat": FROZEN + tokens.CLOCK_LEEWAY}, None),  # minted on a host whose clock is ahead
+        ({"iat": FROZEN + tokens.CLOCK_LEEWAY + 1}, "the token is not valid yet"),
+        ({"exp": FROZEN - tokens.CLOCK_LEEWAY + 1}, None),  # checked on a host whose clock is ahead
+        ({"exp": FROZEN - tokens.CLOCK_LEEWAY}, "the token has expired"),
+    ],
+    ids=["iat ahead by the leeway", "iat beyond it", "exp by the leeway", "exp beyond it"],
+)
+def test_a_token_from_a_clock_slightly_ahead_is_accepted(client, monkeypatch, claims, problem):
+    # Any host may check any host's tokens: CLOCK_LEEWAY seconds of clock difference, and
+    # not one more, are no reason to refuse.
+    assert tokens.CLOCK_LEEWAY == 10
+    monkeypatch.setattr(jwt.api_jwt, "datetime", FrozenClock)
+    claims = {"iat": FROZEN, "exp": FROZEN + 60, **claims}
+    response = client.get("/stream?count=1", headers=bearer(token_for(**claims)))
+    if problem is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 401
+        assert response.json["error_description"] == problem
+
+
+def exactly(length: int) -> str:
+    """A valid access token of exactly `length` characters: a claim pads it."""
+    for pad in range(length):
+        token = token_for(padding="x" * pad)
+        if len(token) == length:
+            return token
+    raise AssertionError(f"no padding gives a token of {length} characters")
+
+
+def test_a_token_of_the_longest_length_is_taken_and_one_more_character_refused(client):
+    longest = exactly(tokens.MAX_TOKEN_LENGTH)
+    assert client.get("/stream?count=1", headers=bearer(longest)).status_code == 200
+    over = exactly(tokens.MAX_TOKEN_LENGTH + 1)
+    response = client.get("/stream?count=1", headers=bearer(over))
+    assert response.status_code == 401
+    assert response.json["error_description"] == "the token is too long"
 
 
 def test_a_step_6_refresh_token_opens_no_stream(client, monkeypatch):

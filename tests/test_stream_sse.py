@@ -2,9 +2,10 @@
 
 import itertools
 import os
+from types import SimpleNamespace
 
 import pytest
-from flask import Flask
+from flask import Flask, Response, request
 
 import stream_client_sse as sse_client
 import stream_server_multiuser
@@ -241,3 +242,59 @@ def test_the_url_is_the_servers_base_url(serve, pauses, capsys):
         "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
         f"not {url}/events/User1\n",
     )
+
+
+# follow(): when to reconnect, how long to wait, when to give up
+
+
+@pytest.fixture
+def scripted(serve, monkeypatch):
+    """scripted(*bodies) serves one body per connection, in turn, as a text/event-stream,
+    and gives its URL and the Last-Event-ID of each request; the client's waits between
+    connections are recorded in `waits` instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(sse_client, "time", SimpleNamespace(sleep=waits.append, monotonic=None))
+
+    def start(*bodies: str) -> tuple[str, list]:
+        app, left, seen = Flask("scripted"), list(bodies), []
+
+        @app.get("/events")
+        def events():
+            """The next body in the script, whole; then the connection closes."""
+            seen.append(request.headers.get("Last-Event-ID"))
+            return Response(left.pop(0), mimetype="text/event-stream")
+
+        return f"{serve(app)}/events", seen
+
+    start.waits = waits
+    return start
+
+
+def test_follow_gives_up_after_five_reconnections_that_bring_nothing(scripted, capsys):
+    url, seen = scripted("id: 1\ndata: one\n\n", *[""] * 5)
+    events = sse_client.follow(url, {})
+    assert next(events) == Event("message", "one", "1")
+    with pytest.raises(sse_client.StreamError) as raised:
+        next(events)
+    assert str(raised.value) == (
+        "the server closed the stream before its end, and 5 reconnections failed"
+    )
+    assert seen == [None, *["1"] * 5]  # the first try and five more, each resuming after 1
+    assert scripted.waits == [2.0] * 5  # before each of those five; no `retry:` came: 2 s
+    out = capsys.readouterr().out
+    assert "(the server closed the stream before its end; resuming after event 1 in 2s)" in out
+
+
+def test_follow_counts_only_failures_in_a_row(scripted):
+    # Each connection brings one event and then closes: never five failures in a row.
+    bodies = [f"id: {n}\ndata: {n}\n\n" for n in range(1, 9)] + ["event: end\ndata: done\n\n"]
+    url, seen = scripted(*bodies)
+    events = list(sse_client.follow(url, {}))
+    assert [event.data for event in events] == [*map(str, range(1, 9)), "done"]
+    assert seen == [None, *map(str, range(1, 9))]
+
+
+def test_follow_waits_as_long_as_the_server_asks(scripted):
+    url, _ = scripted("retry: 150\nid: 1\ndata: one\n\n", "event: end\ndata: done\n\n")
+    assert [event.data for event in sse_client.follow(url, {})] == ["one", "done"]
+    assert scripted.waits == [0.15]
