@@ -52,6 +52,8 @@ SELECTION = {
             "test_an_idle_connection_does_not_hold_up_https",
             "test_a_tls_handshake_that_never_comes_is_dropped",
             "test_a_request_head_sent_a_byte_at_a_time_gets_one_deadline",
+            "test_past_the_deadline_no_read_waits_even_for_bytes_already_there",
+            "test_tls_context_wants_both_files_or_neither",
             "test_gunicorn_ends_a_stream_whose_client_stops_reading",
             "test_under_gevent_streams_at_interval_0_let_other_clients_in",
         )),

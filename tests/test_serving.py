@@ -471,3 +471,26 @@ def test_a_request_head_sent_a_byte_at_a_time_gets_one_deadline(
         f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
     )
     assert minted.status_code == 200, minted.text
+
+
+def test_past_the_deadline_no_read_waits_even_for_bytes_already_there():
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        reader = serving.HeadReader(server_end, -1)  # its deadline has passed
+        client_end.sendall(b"GET / HTTP/1.1\r\n")  # a byte that came just in time: too late
+        with pytest.raises(TimeoutError) as raised:
+            reader.readinto(bytearray(64))
+    assert str(raised.value) == "the request head took too long"
+
+
+def test_tls_context_wants_both_files_or_neither(tls, tmp_path):
+    assert serving.tls_context(None, None) is None  # plain HTTP
+    assert serving.tls_context(tls.cert_file, tls.key_file) is not None
+    for cert, key in [(tls.cert_file, None), (None, tls.key_file)]:
+        with pytest.raises(ValueError) as raised:
+            serving.tls_context(cert, key)
+        assert str(raised.value) == "--cert and --key go together"
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ValueError) as raised:
+        serving.tls_context(missing, tls.key_file)
+    assert str(raised.value).startswith(f"cannot use --cert {missing} --key {tls.key_file}: ")
