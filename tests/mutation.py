@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each module's tests, fast ones first. Tests that need a browser or nginx are left out,
 # for time: what they check of these modules, in-process tests check too.
 SELECTION = {
-    "tokens.py": ["tests/test_stream_multiuser_secure.py"],
+    "tokens.py": [
+        "tests/test_stream_multiuser_secure.py", "tests/test_stream_multiuser_refresh.py",
+    ],
     "refresh_tokens.py": ["tests/test_stream_multiuser_refresh.py"],
     "rooms.py": [
         "tests/test_stream_chat.py",
@@ -85,18 +87,22 @@ def start_tests(copy: Path, selection: list[str]) -> int:
     """Run `selection` in `copy`, in a forked child with its own process group; its pid."""
     pid = os.fork()
     if pid == 0:  # the child
-        os.setpgid(0, 0)  # so that a timeout ends all it started
-        os.chdir(copy)
-        # The copy's modules, not the repository's: python put tests/ first on the path.
-        ours = (ROOT, ROOT / "tests")
-        sys.path[:] = [path for path in sys.path if Path(path).resolve() not in ours]
-        sink = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(sink, 1)
-        os.dup2(sink, 2)
-        import pytest
+        code = 3  # whatever happens, it exits here: never back into main() and its cleanup
+        try:
+            os.setpgid(0, 0)  # so that a timeout ends all it started
+            os.chdir(copy)
+            # The copy's modules, not the repository's: python put tests/ first on the path.
+            ours = (ROOT, ROOT / "tests")
+            sys.path[:] = [path for path in sys.path if Path(path).resolve() not in ours]
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
+            import pytest
 
-        options = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
-        os._exit(int(pytest.main([*options, *selection])))
+            options = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+            code = int(pytest.main([*options, *selection]))
+        finally:
+            os._exit(code)
     return pid
 
 

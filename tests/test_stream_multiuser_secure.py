@@ -250,6 +250,14 @@ def test_no_bearer_credentials_get_a_bare_challenge(client, authorization):
     assert "chunk" not in response.text
 
 
+@pytest.mark.parametrize("spelling", ["Bearer {}", "bearer {}", "BEARER  {} "])
+def test_the_bearer_scheme_in_any_case_and_with_spaces_around_the_token(client, spelling):
+    # RFC 6750: the scheme is case-insensitive, and one or more spaces come before the token.
+    headers = {"Authorization": spelling.format(token_for("Alice"))}
+    response = client.get("/stream?count=1", headers=headers)
+    assert response.status_code == 200, response.text
+
+
 def tampered() -> str:
     header, _, signature = token_for("Alice").split(".")
     now = int(time.time())
