@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from flask import Flask, Response, request
 import stream_client_sse as sse_client
 import stream_server_multiuser
 import stream_server_sse as server
-from helpers import free_port
+from helpers import WAIT, free_port
 from stream_client_sse import Event, SSEParser
 
 pytestmark = pytest.mark.step(server)
@@ -298,3 +299,31 @@ def test_follow_waits_as_long_as_the_server_asks(scripted):
     url, _ = scripted("retry: 150\nid: 1\ndata: one\n\n", "event: end\ndata: done\n\n")
     assert [event.data for event in sse_client.follow(url, {})] == ["one", "done"]
     assert scripted.waits == [0.15]
+
+
+def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
+    # READ_TIMEOUT (70 s, longer than any pause the server makes) ends a read that waits
+    # longer: a server or a network that hangs without closing is a lost connection.
+    monkeypatch.setattr(sse_client, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(sse_client, "time", SimpleNamespace(sleep=lambda seconds: None))
+    released, seen = threading.Event(), []
+    app = Flask("silent")
+
+    @app.get("/events")
+    def events():
+        """One event, then silence until the test ends; the next connection gets `end`."""
+        seen.append(request.headers.get("Last-Event-ID"))
+
+        def silent():
+            yield "id: 1\ndata: one\n\n"
+            released.wait(WAIT)
+
+        body = silent() if len(seen) == 1 else iter(["event: end\ndata: done\n\n"])
+        return Response(body, mimetype="text/event-stream")
+
+    try:
+        events = list(sse_client.follow(f"{serve(app)}/events", {}))
+    finally:
+        released.set()
+    assert [event.data for event in events] == ["one", "done"]
+    assert seen == [None, "1"]
