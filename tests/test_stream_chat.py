@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -593,6 +594,8 @@ def test_the_server_serves_when_started_as_its_docstring_says(tmp_path, monkeypa
         [message] = bob.wait_for(1)
         assert (message["user"], message["text"]) == ("Al", "hello")
         bob.close()
+        process.send_signal(signal.SIGINT)  # Ctrl-C: it exits, its reader thread with it
+        process.wait(WAIT)
     finally:
         stop_step(process)
     assert "REDIS_URL is unset: rooms live in this process" in log.read_text()

@@ -263,6 +263,7 @@ def scripted(serve, monkeypatch):
         def events():
             """The next body in the script, whole; then the connection closes."""
             seen.append(request.headers.get("Last-Event-ID"))
+            assert request.headers["Accept"] == "text/event-stream"  # what it asks for
             return Response(left.pop(0), mimetype="text/event-stream")
 
         return f"{serve(app)}/events", seen
