@@ -497,6 +497,13 @@ def test_bodies_that_are_not_json_or_too_big(client):
     huge = client.post("/rooms/lobby/messages", json={"text": "x" * 20_000}, headers=headers)
     assert huge.status_code == 413, huge.text
     assert huge.json["error"]
+    # 16 KiB exactly is taken, one byte more is not (spaces pad the JSON, not the text).
+    headers["Content-Type"] = "application/json"
+    for padding, status in [(0, 201), (1, 413)]:
+        body = '{"text": "hi"}'
+        body = body[:-1] + " " * (16 * 1024 - len(body) + padding) + "}"
+        answer = client.post("/rooms/lobby/messages", data=body, headers=headers)
+        assert answer.status_code == status, answer.text
 
 
 @only_in_process
