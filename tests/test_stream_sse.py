@@ -328,3 +328,19 @@ def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
         released.set()
     assert [event.data for event in events] == ["one", "done"]
     assert seen == [None, "1"]
+
+
+def test_follow_gives_up_as_well_when_no_connection_ever_brought_an_event(scripted, capsys):
+    url, seen = scripted(*[""] * 6)
+    with pytest.raises(sse_client.StreamError, match="5 reconnections failed"):
+        list(sse_client.follow(url, {}))
+    assert seen == [None] * 6  # the first try and five more, from the start each time
+    said = "(the server closed the stream before its end; resuming after event none in 2s)"
+    assert capsys.readouterr().out.splitlines() == [said] * 5
+
+
+def test_the_help_says_what_the_client_does(capsys):
+    with pytest.raises(SystemExit) as raised:
+        sse_client.main(["--help"])
+    assert raised.value.code == 0
+    assert "\nPrint Server-Sent Events as they arrive.\n" in capsys.readouterr().out
