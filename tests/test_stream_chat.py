@@ -481,6 +481,13 @@ def test_bad_messages_get_400(client, body, error):
 
 
 @only_in_process
+def test_rooms_of_any_case_take_texts_whose_first_line_is_blank(client):
+    headers = bearer(token_for("Alice"))
+    text = "\n  \nafter two blank lines"
+    response = client.post("/rooms/Lobby-B.2/messages", json={"text": text}, headers=headers)
+    assert response.status_code == 201, response.text
+
+
 def test_the_longest_message_is_taken(client):
     headers = bearer(token_for("Alice"))
     longest = "😀" * 1000  # 12 bytes each once escaped as JSON: still under the body limit

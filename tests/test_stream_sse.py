@@ -344,3 +344,34 @@ def test_the_help_says_what_the_client_does(capsys):
         sse_client.main(["--help"])
     assert raised.value.code == 0
     assert "\nPrint Server-Sent Events as they arrive.\n" in capsys.readouterr().out
+
+
+def test_the_clients_defaults_and_help(serve, monkeypatch, capsys):
+    asked = []
+    app = Flask("recorder")
+
+    @app.get("/<path:path>")
+    def anything(path):
+        """Say what was asked for, and end at once."""
+        asked.append((path, dict(request.args)))
+        return Response("event: end\ndata: done\n\n", mimetype="text/event-stream")
+
+    url = serve(app)
+    assert sse_client.main(["--url", url]) == 0
+    assert sse_client.main(["--url", url, "--tokens"]) == 0
+    assert asked == [
+        ("events/User1", {"count": "10", "interval": "1.0"}),
+        ("tokens", {"interval": "0.15"}),
+    ]
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        sse_client.main(["--help"])
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for line in [
+        "user whose feed to follow",
+        f"--url URL server URL (default: {sse_client.DEFAULT_URL})",
+        "--count COUNT events to ask for",
+        "--interval INTERVAL seconds between events",
+        "--tokens stream a text word by word",
+    ]:
+        assert line in lines
