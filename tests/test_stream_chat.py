@@ -397,6 +397,16 @@ def test_while_redis_is_down_the_reader_waits_a_second_between_tries(monkeypatch
     assert caplog.text.count("Redis failed") == 1
 
 
+def test_a_join_reaches_up_to_the_newest_id_by_number_not_by_text(chat, room):
+    # "5-10" comes after "5-9", though not as text: where the stream starts, and where an
+    # `overflow` tells its client to resume, must be 5-10.
+    for message_id in ("5-9", "5-10"):
+        chat.redis.xadd(f"chat:{room}", {"user": "Al", "text": message_id}, id=message_id)
+    inbox, gap, kept, sent = chat.subscribe(room, "Bob", "5-9")
+    chat.unsubscribe(room, inbox)
+    assert (gap, [message_id for message_id, _ in kept], sent) == (None, ["5-10"], "5-10")
+
+
 def test_a_slow_subscriber_is_let_go_with_overflow(chat, client, room, monkeypatch):
     monkeypatch.setitem(server.app.config, "QUEUE", 3)
     headers = bearer(token_for("Slow"))
