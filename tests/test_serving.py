@@ -347,6 +347,7 @@ def test_each_step_serves_with_its_request_handler(module, monkeypatch, tls):
     https = ["--cert", tls.cert_file, "--key", tls.key_file] if module in TLS_STEPS else []
     monkeypatch.setattr(sys, "argv", [f"{module}.py", *https])
     monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
+    monkeypatch.delenv("REDIS_URL", raising=False)  # the chat's rooms in this process
     runpy.run_path(str(ROOT / f"{module}.py"), run_name="__main__")
     [options] = runs
     assert options["threaded"] is True
