@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 import threading
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from flask import Flask, Response, request
 import stream_client_sse as sse_client
 import stream_server_multiuser
 import stream_server_sse as server
-from helpers import WAIT, free_port
+from helpers import WAIT, free_port, only_help
 from stream_client_sse import Event, SSEParser
 
 pytestmark = pytest.mark.step(server)
@@ -180,6 +181,8 @@ def test_client_prints_events_as_they_come(serve, pauses, capsys):
         "#2 chunk: chunk 2 of 2 for Alice",
         "end: end of stream",
     ]
+    # Each line starts with the seconds since the client started: a few, never less than 0.
+    assert all(re.match(r"\+\d\.\d\ds  ", line) for line in lines), lines
 
 
 def test_client_resumes_after_the_server_drops_the_connection(
@@ -197,7 +200,22 @@ def test_client_prints_the_token_text(serve, pauses, capsys):
     assert sse_client.main(["--tokens", "--url", serve(server.app)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Server-Sent Events carry text from a server to a browser")
-    assert out.rstrip().endswith("end: end of stream")
+    _, end = out.splitlines()  # the words on one line; the end on its own
+    assert re.fullmatch(r"\+\d+\.\d\ds  end: end of stream", end)
+
+
+def test_client_stops_quietly_on_ctrl_c(monkeypatch, capsys):
+    def interrupted(url, params):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(sse_client, "follow", interrupted)
+    assert sse_client.main([]) == 130  # the usual exit status after Ctrl-C
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_client_script_runs_as_a_program():
+    assert only_help("stream_client_sse.py")
 
 
 def test_client_reports_bad_input_and_a_missing_server(serve, capsys):
