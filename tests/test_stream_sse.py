@@ -325,7 +325,7 @@ def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
     # longer: a server or a network that hangs without closing is a lost connection.
     monkeypatch.setattr(sse_client, "READ_TIMEOUT", 0.2)
     monkeypatch.setattr(sse_client, "time", SimpleNamespace(sleep=lambda seconds: None))
-    released, seen = threading.Event(), []
+    released, seen, outwaited = threading.Event(), [], threading.Event()
     app = Flask("silent")
 
     @app.get("/events")
@@ -335,7 +335,8 @@ def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
 
         def silent():
             yield "id: 1\ndata: one\n\n"
-            released.wait(WAIT)
+            if not released.wait(WAIT):  # the client waited on: the server ends it instead
+                outwaited.set()
 
         body = silent() if len(seen) == 1 else iter(["event: end\ndata: done\n\n"])
         return Response(body, mimetype="text/event-stream")
@@ -346,6 +347,7 @@ def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
         released.set()
     assert [event.data for event in events] == ["one", "done"]
     assert seen == [None, "1"]
+    assert not outwaited.is_set(), "the client never let the silent connection go"
 
 
 def test_follow_gives_up_as_well_when_no_connection_ever_brought_an_event(scripted, capsys):
@@ -381,6 +383,12 @@ def test_the_clients_defaults_and_help(serve, monkeypatch, capsys):
         ("events/User1", {"count": "10", "interval": "1.0"}),
         ("tokens", {"interval": "0.15"}),
     ]
+    for option, value in [("--count", "2.5"), ("--interval", "soon")]:  # refused at once
+        with pytest.raises(SystemExit) as raised:
+            sse_client.main(["--url", url, option, value])
+        assert raised.value.code == 2
+    assert len(asked) == 2  # no request for those
+    capsys.readouterr()
     monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit):
         sse_client.main(["--help"])
