@@ -3,6 +3,9 @@
 import itertools
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -12,7 +15,7 @@ from flask import Flask, Response, request
 import stream_client_sse as sse_client
 import stream_server_multiuser
 import stream_server_sse as server
-from helpers import WAIT, free_port, only_help
+from helpers import ROOT, WAIT, free_port, only_help
 from stream_client_sse import Event, SSEParser
 
 pytestmark = pytest.mark.step(server)
@@ -401,3 +404,21 @@ def test_the_clients_defaults_and_help(serve, monkeypatch, capsys):
         "--tokens stream a text word by word",
     ]:
         assert line in lines
+
+
+@pytest.mark.parametrize(
+    "argv", [["--count", "2", "--interval", "1"], ["--tokens"]], ids=["events", "tokens"]
+)
+def test_the_client_shows_each_event_while_the_stream_goes_on(serve, gated, argv):
+    # Into a pipe, as much as to a terminal: print() would otherwise hold the text back in
+    # its buffer until the stream ends.
+    command = [sys.executable, "stream_client_sse.py", "--url", serve(server.app), *argv]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as for a user
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE) as client:
+        try:
+            gated.wait_for_pause()  # the first event is out; the next waits at the gate
+            assert select.select([client.stdout], [], [], WAIT)[0], "nothing shown meanwhile"
+            assert os.read(client.stdout.fileno(), 1024)
+        finally:
+            gated.open()
+            client.wait(WAIT)
