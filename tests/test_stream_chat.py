@@ -242,6 +242,31 @@ def test_last_event_id_resumes_right_after_it(base, room, follow, how):
     assert [e.type for e in resumed.events] == ["message"] * 4
 
 
+def test_the_log_says_when_a_stream_starts_and_from_where(base, room, follow, caplog):
+    caplog.set_level("INFO", logger=server.__name__)
+    first = post(base, room, "seen")
+    post(base, room, "not yet seen")
+    follow(base, room, "Alice", last_id=first)
+    line = f"Alice in {room} started: 1 events of history first, then new ones"
+    wait_until(lambda: line in [record.getMessage() for record in caplog.records])
+
+
+def test_a_wake_up_costs_one_entry_and_never_fails_while_redis_is_down(
+    chat, room, monkeypatch
+):
+    for _ in range(300):
+        chat.wake()
+    # Bounded: MAXLEN ~ 1 keeps the newest, and Redis drops old entries a node (100) at a time.
+    assert chat.redis.xlen(chat.wake_key) < 150
+
+    def xadd(*args, **kwargs):
+        raise redis.ConnectionError("the test cut Redis off")
+
+    inbox = chat.subscribe(room, "Al", None)[0]
+    monkeypatch.setattr(chat.redis, "xadd", xadd)
+    chat.unsubscribe(room, inbox)  # a stream that closes while Redis is down: no error
+
+
 def test_resuming_at_the_newest_id_sends_only_new_messages(base, room, follow):
     ids = [post(base, room, f"message {n}") for n in range(3)]
     resumed = follow(base, room, last_id=ids[-1])
@@ -579,11 +604,17 @@ def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, red
     monkeypatch.delitem(server.app.extensions, "chat", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
     server.broker()
-    assert "REDIS_URL is unset: rooms live in this process, which serves them alone" in caplog.text
+    said = [record.getMessage() for record in caplog.records]
+    assert said == [
+        "REDIS_URL is unset: rooms live in this process, which serves them alone (no other "
+        "worker or host sees them)"
+    ]
     park(server.app.extensions.pop("chat"))
     monkeypatch.setenv("REDIS_URL", redis_server.url)
+    caplog.clear()
     server.broker()
-    assert "rooms are in Redis: every process that shares it serves them" in caplog.text
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["rooms are in Redis: every process that shares it serves them"]
     park(server.app.extensions.pop("chat"))  # not left for the tests that follow
 
 
