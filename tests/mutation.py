@@ -94,7 +94,7 @@ def start_tests(copy: Path, selection: list[str]) -> int:
             # The copy's modules, not the repository's: python put tests/ first on the path.
             ours = (ROOT, ROOT / "tests")
             sys.path[:] = [path for path in sys.path if Path(path).resolve() not in ours]
-            sink = os.open(os.devnull, os.O_WRONLY)
+            sink = os.open(copy / "mutation.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(sink, 1)
             os.dup2(sink, 2)
             import pytest
@@ -133,7 +133,9 @@ def main() -> int:
     report_path.parent.mkdir(exist_ok=True)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     with tempfile.TemporaryDirectory() as scratch:
-        ignore = shutil.ignore_patterns(".git", "test-artifacts", "__pycache__", ".*cache")
+        ignore = shutil.ignore_patterns(
+            ".git", "test-artifacts", "__pycache__", ".*cache", "mutation.log"
+        )
         copies = [Path(scratch) / f"repo{job}" for job in range(args.jobs)]
         for copy in copies:
             shutil.copytree(ROOT, copy, ignore=ignore)
@@ -145,6 +147,7 @@ def main() -> int:
             baseline = time.monotonic() - started
             if result != "passed":
                 print(f"{module}: its tests fail without any mutant; fix them first")
+                print((copies[0] / "mutation.log").read_text()[-3000:])
                 return 1
             timeout = 3 * baseline + 30
             made = list(enumerate(mutants(module)[: args.limit], 1))
