@@ -636,7 +636,13 @@ def test_the_server_serves_when_started_as_its_docstring_says(tmp_path, monkeypa
     # python stream_server_chat.py, with no REDIS_URL: the rooms in this one process.
     monkeypatch.delenv("REDIS_URL", raising=False)
     port, log = free_port(), tmp_path / "chat.log"
-    process = run_step("stream_server_chat.py", log, port)
+    # Ctrl-C reaches it as in a terminal, even where this run ignores SIGINT (started in the
+    # background by a script): a handler, unlike an ignored signal, is not inherited.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = run_step("stream_server_chat.py", log, port)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         base = f"http://127.0.0.1:{port}"
         minted = requests.post(f"{base}/generate_token", json={"user_id": "Al"}, timeout=WAIT)
