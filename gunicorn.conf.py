@@ -8,6 +8,7 @@ Flags on the command line override what is set here.
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,10 +28,11 @@ worker_connections = 1000
 timeout = 30
 # Stopping. Ctrl-C (SIGINT, which the terminal sends to the master and the workers alike)
 # and SIGQUIT are gunicorn's quick shutdown: worker_int below ends each worker at once, and
-# its open streams with it. SIGTERM (kill, systemd) is the graceful one: the workers stop
-# accepting and give the requests under way graceful_timeout seconds to finish, then
-# gunicorn ends them. A stream may run for hours, so waiting gunicorn's default 30 s only
-# delays every stop and restart; 5 s lets a token request finish. The clients of cut
+# its open streams with it (post_fork, one that is still starting). SIGTERM (kill,
+# systemd) is the graceful one: the workers stop accepting and give the requests under
+# way graceful_timeout seconds to finish, then gunicorn ends them. A stream may run for
+# hours, so waiting gunicorn's default 30 s only delays every stop and restart; 5 s lets
+# a token request finish. The clients of cut
 # streams see the connection close without the final chunk.
 graceful_timeout = 5
 # Seconds a client may accept no data before its stream is ended and its thread or greenlet
@@ -94,6 +96,22 @@ def on_starting(server) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
     if subprocess.run([sys.executable, "-c", check], env=env).returncode:
         raise SystemExit(1)  # the step has said why
+
+
+def post_fork(server, worker) -> None:
+    """In each new worker, first thing after the fork: a signal to stop ends it at once.
+    Until the worker sets its own handlers (a gevent worker first patches the standard
+    library, which takes a moment), it has the master's, which only queue the signal for
+    the master's loop, and that loop never runs in a worker: a Ctrl-C or a SIGTERM that
+    came then was lost, and the master killed the worker after graceful_timeout ("was sent
+    SIGKILL! Perhaps out of memory?"). A worker still starting has no request to finish."""
+    stops = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+    for stop in stops:
+        signal.signal(stop, lambda number, frame: os._exit(0))
+    # One that came between the fork and now is in this process's copy of that queue.
+    while not server.SIG_QUEUE.empty():
+        if server.SIG_QUEUE.get_nowait() in stops:
+            os._exit(0)
 
 
 def post_worker_init(worker) -> None:

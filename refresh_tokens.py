@@ -99,6 +99,10 @@ class RefreshTokenLedger:
             # each other worker, and once more after a restart.
             logger.warning("REDIS_URL is unset: reuse is detected within this process only")
 
+    def __len__(self) -> int:
+        """Entries kept in this process's memory (none with Redis): bounded by expiry."""
+        return len(self._memory)
+
     def _store(self) -> redis.Redis | None:
         with self._lock:
             if not self._opened:

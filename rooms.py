@@ -159,6 +159,7 @@ class Broker:
         self.streams: dict[queue.Queue, tuple[str, str]] = {}  # inbox: (user, its entry)
         self.script = client.register_script(POST)
         self.changed = True  # presence to write at once
+        self.reads = 0  # XREADs so far: a reader that blocks does few, one that spins, many
         threading.Thread(target=self.read, daemon=True).start()
 
     def post(self, room: str, user: str, text: str, idempotency_key: str | None) -> str:
@@ -257,6 +258,7 @@ class Broker:
                 with self.lock:
                     streams = {f"chat:{room}": cursor for room, cursor in self.cursors.items()}
                 streams[self.wake_key] = woken
+                self.reads += 1
                 for key, messages in self.reader.xread(streams, count=100, block=int(every * 1000)):
                     if key == self.wake_key:
                         woken = messages[-1][0]

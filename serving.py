@@ -11,9 +11,11 @@ hostile client from holding it, and, from step 3 on, what serves HTTPS:
 Under gunicorn, gunicorn.conf.py puts the same write timeout on every connection.
 """
 
+import io
 import os
 import socket
 import ssl
+from time import monotonic
 
 from werkzeug.serving import WSGIRequestHandler
 
@@ -23,11 +25,12 @@ from werkzeug.serving import WSGIRequestHandler
 # So it waits a microsecond every TURN chunks. (Not sleep(0): gevent may then run it again
 # before it looks at the network, as gevent's documentation warns.)
 TURN = 500
-# Seconds a client has to send its request (over HTTPS, to finish the TLS handshake first),
-# then to accept each piece of the answer. Without them, a client that connects and sends
-# nothing, or that stops reading, holds its thread forever. A client may take as long to
-# accept a chunk as the server may take to send one, so WRITE_TIMEOUT exceeds the steps'
-# MAX_INTERVAL (60 s). The environment variable WRITE_TIMEOUT overrides it, as for gunicorn.
+# Seconds a client has to send its whole request head (over HTTPS, to finish the TLS
+# handshake first), then to accept each piece of the answer. Without them, a client that
+# connects and sends nothing, or that stops reading, holds its thread forever. A client
+# may take as long to accept a chunk as the server may take to send one, so WRITE_TIMEOUT
+# exceeds the steps' MAX_INTERVAL (60 s). The environment variable WRITE_TIMEOUT overrides
+# it, as for gunicorn.
 REQUEST_TIMEOUT = 5
 WRITE_TIMEOUT = float(os.environ.get("WRITE_TIMEOUT", "90"))
 
@@ -42,13 +45,42 @@ def set_write_timeout(sock: socket.socket) -> None:
         sock.settimeout(WRITE_TIMEOUT)
 
 
+class HeadReader(io.RawIOBase):
+    """A connection's reads, all within one deadline until the request head is in. A
+    timeout on each read alone limits only the silence between two bytes: a client that
+    sent one byte every few seconds held its thread for ever. gunicorn and nginx also give
+    the whole head a deadline."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        super().__init__()
+        self.sock, self.deadline = sock, monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:  # each read may wait only as long as is left
+            left = self.deadline - monotonic()
+            if left <= 0:
+                raise TimeoutError("the request head took too long")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class RequestHandler(WSGIRequestHandler):
     """Werkzeug's request handler, with REQUEST_TIMEOUT and WRITE_TIMEOUT on its connection."""
 
-    timeout = REQUEST_TIMEOUT  # setup() puts it on the socket, before the request is read
+    timeout = REQUEST_TIMEOUT  # for the head: from the connection to its blank line
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # Werkzeug's reader, replaced by one that keeps the deadline
+        self.head = HeadReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.head)
 
     def run_wsgi(self) -> None:
-        set_write_timeout(self.connection)  # the request is in: now the answer
+        self.head.deadline = None  # the request head is in: now the answer
+        set_write_timeout(self.connection)
         super().run_wsgi()
 
 

@@ -11,6 +11,7 @@ import runpy
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 import requests
-from flask import Flask
+from flask import Flask, request
 
 import serving
 import show_chunks
@@ -259,6 +260,30 @@ def test_ctrl_c_stops_gunicorn_at_once_and_quietly_with_a_stream_open(worker_cla
     assert "open streams are cut" in output
 
 
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_ctrl_c_stops_gunicorn_at_once_while_a_worker_starts(worker_class, gunicorn):
+    # A worker sets its own signal handlers only once it has started (a gevent worker after
+    # patching the standard library). Before, it had the master's until then, which queued
+    # a signal where no one read it: a Ctrl-C in that moment was lost, and the master killed
+    # the worker after graceful_timeout. SIGTTIN makes gunicorn start one more worker, so
+    # each round signals into that moment; under gevent, every round was lost.
+    for _ in range(3):
+        server = gunicorn("stream_server_multiuser", worker_class)
+        server.wait_for_line(r"Booting worker with pid: (\d+)")
+        sock, wire = open_stream(server, "count=1000&interval=1", user="Watcher")
+        with sock, wire:
+            show_chunks.read_head(wire)
+            next(show_chunks.read_chunks(wire))  # the stream is open, with 999 chunks to go
+            os.kill(server.process.pid, signal.SIGTTIN)
+            server.wait_for_line(r"Booting worker with pid: (\d+)")
+            os.killpg(server.process.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+            server.process.wait(WAIT)
+        server.wait_for_line(r"Shutting down: Master")
+        output = "".join(server.log)
+        assert "was sent" not in output, output  # SIGKILL, or any other signal
+        assert "Traceback" not in output, output
+
+
 def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines(gunicorn):
     server = gunicorn("stream_server", "gthread")
     forged = 'Mallory - - [01/Jan/2030:00:00:00 +0000] "GET /admin HTTP/1.1" 200 2\n'
@@ -287,6 +312,7 @@ def test_a_crafted_basic_auth_header_cannot_forge_access_log_lines(gunicorn):
 
 DEV_STEPS = [
     "stream_server",
+    "stream_server_chat",
     "stream_server_multiuser",
     "stream_server_multiuser_secure",
     "stream_server_sse",
@@ -321,6 +347,7 @@ def test_each_step_serves_with_its_request_handler(module, monkeypatch, tls):
     https = ["--cert", tls.cert_file, "--key", tls.key_file] if module in TLS_STEPS else []
     monkeypatch.setattr(sys, "argv", [f"{module}.py", *https])
     monkeypatch.setenv("JWT_SECRET_KEY", TEST_KEY.decode())
+    monkeypatch.delenv("REDIS_URL", raising=False)  # the chat's rooms in this process
     runpy.run_path(str(ROOT / f"{module}.py"), run_name="__main__")
     [options] = runs
     assert options["threaded"] is True
@@ -336,6 +363,9 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
     if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
         monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
     monkeypatch.setattr(serving, "WRITE_TIMEOUT", 0.5)  # 90 s by default
+    # Far beyond WAIT: only the write timeout can end the stream in time. (With the request
+    # timeout's 5 s, a stream whose write timeout was never set still ended, only later.)
+    monkeypatch.setattr(multiuser.RequestHandler, "timeout", 600)
     monkeypatch.setattr(multiuser, "tracker", multiuser.StreamTracker())  # nothing served yet
     caplog.set_level(logging.INFO, logger=multiuser.__name__)
     url = dev_server(multiuser)
@@ -344,6 +374,30 @@ def test_the_dev_server_ends_a_stream_whose_client_stops_reading(
         # stayed active, its thread blocked in a write, for as long as the client did.
         wait_until(lambda: started_and_ended(stream_status(url)))
     assert re.search(r"Staller disconnected after \d+ of 1000000 chunks", caplog.text)
+
+
+@pytest.mark.parametrize("timer", ["TCP_USER_TIMEOUT", "settimeout"])
+def test_once_the_request_is_in_only_the_write_timeout_holds(timer, serve, monkeypatch):
+    # What a slow reader meets while the answer is written: the write timeout, 90 s, and
+    # nothing left of the request's. Before, a socket left with the request timeout cut
+    # off a client that paused reading for longer than that.
+    if timer == "settimeout":  # as on systems without TCP_USER_TIMEOUT (macOS, Windows)
+        monkeypatch.delattr(socket, "TCP_USER_TIMEOUT", raising=False)
+    app = Flask(__name__)
+
+    @app.get("/")
+    def timeouts():
+        """The connection's timeouts, as the answer is written."""
+        sock = request.environ["werkzeug.socket"]
+        linux = sys.platform == "linux"  # where TCP_USER_TIMEOUT is option 18, set or not
+        kernel = sock.getsockopt(socket.IPPROTO_TCP, 18) if linux else 0
+        return {"python": sock.gettimeout(), "kernel": kernel}
+
+    answer = requests.get(serve(app, request_handler=serving.RequestHandler), timeout=WAIT)
+    if timer == "settimeout" or sys.platform != "linux":
+        assert answer.json() == {"python": serving.WRITE_TIMEOUT, "kernel": 0}
+    else:
+        assert answer.json() == {"python": None, "kernel": serving.WRITE_TIMEOUT * 1000}
 
 
 @pytest.mark.parametrize("module", list(TLS_STEPS))
@@ -377,3 +431,67 @@ def test_a_tls_handshake_that_never_comes_is_dropped(step, tls, dev_server, monk
         f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
     )
     assert minted.status_code == 200, minted.text
+
+
+def trickled_until_cut(sock: socket.socket, head: bytes, every: float) -> int:
+    """Send `head` one byte every `every` seconds while the server keeps the connection
+    open; give how many bytes went before it closed it (all of them if it never did)."""
+    sock.settimeout(every)  # each wait for the server's end is the pause between two bytes
+    for sent in range(len(head)):
+        try:
+            sock.sendall(head[sent : sent + 1])
+            if not sock.recv(1024):
+                return sent + 1
+        except TimeoutError:  # still open (over TLS, a session ticket may have come)
+            continue
+        except OSError:  # reset, or a broken pipe: closed as well
+            return sent + 1
+    return len(head)
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_request_head_sent_a_byte_at_a_time_gets_one_deadline(
+    https, tls, dev_server, monkeypatch
+):
+    # One byte every 0.05 s never leaves the connection silent for the 0.3 s timeout. Before,
+    # the timeout was on each read, so such a client held its thread for as long as it liked;
+    # now the whole head must be in within the timeout, as under gunicorn and nginx.
+    monkeypatch.setattr(secure.RequestHandler, "timeout", 0.3)  # REQUEST_TIMEOUT, 5 s
+    url = dev_server(secure, tls if https else None)
+    head = b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"." * 60 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=WAIT) as raw:
+        if https:  # the handshake at full speed; then each byte of the head in a record
+            client = ssl.create_default_context(cafile=tls.ca_file)
+            sock = client.wrap_socket(raw, server_hostname="127.0.0.1")
+        else:
+            sock = raw
+        with sock:
+            sent = trickled_until_cut(sock, head, every=0.05)
+    assert sent < len(head), "the server waited for the whole head"
+    minted = requests.post(  # and the server serves on
+        f"{url}/generate_token", json={"user_id": "Al"}, verify=tls.ca_file, timeout=WAIT
+    )
+    assert minted.status_code == 200, minted.text
+
+
+def test_past_the_deadline_no_read_waits_even_for_bytes_already_there():
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        reader = serving.HeadReader(server_end, -1)  # its deadline has passed
+        client_end.sendall(b"GET / HTTP/1.1\r\n")  # a byte that came just in time: too late
+        with pytest.raises(TimeoutError) as raised:
+            reader.readinto(bytearray(64))
+    assert str(raised.value) == "the request head took too long"
+
+
+def test_tls_context_wants_both_files_or_neither(tls, tmp_path):
+    assert serving.tls_context(None, None) is None  # plain HTTP
+    assert serving.tls_context(tls.cert_file, tls.key_file) is not None
+    for cert, key in [(tls.cert_file, None), (None, tls.key_file)]:
+        with pytest.raises(ValueError) as raised:
+            serving.tls_context(cert, key)
+        assert str(raised.value) == "--cert and --key go together"
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ValueError) as raised:
+        serving.tls_context(missing, tls.key_file)
+    assert str(raised.value).startswith(f"cannot use --cert {missing} --key {tls.key_file}: ")

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import requests
 from selenium.webdriver.common.by import By
 
 import client_errors
+import rooms
 import show_chunks
 import stream_client_chat as chat_client
 import stream_server_chat as server
@@ -38,7 +40,9 @@ from helpers import (
     free_port,
     only_help,
     port_of,
+    run_step,
     save_screenshot,
+    stop_step,
     token_for,
     wait_in_page,
     wait_until,
@@ -248,6 +252,31 @@ def test_last_event_id_resumes_right_after_it(base, room, follow, how):
     assert [e.type for e in resumed.events] == ["message"] * 4
 
 
+def test_the_log_says_when_a_stream_starts_and_from_where(base, room, follow, caplog):
+    caplog.set_level("INFO", logger=server.__name__)
+    first = post(base, room, "seen")
+    post(base, room, "not yet seen")
+    follow(base, room, "Alice", last_id=first)
+    line = f"Alice in {room} started: 1 events of history first, then new ones"
+    wait_until(lambda: line in [record.getMessage() for record in caplog.records])
+
+
+def test_a_wake_up_costs_one_entry_and_never_fails_while_redis_is_down(
+    chat, room, monkeypatch
+):
+    for _ in range(300):
+        chat.wake()
+    # Bounded: MAXLEN ~ 1 keeps the newest, and Redis drops old entries a node (100) at a time.
+    assert chat.redis.xlen(chat.wake_key) < 150
+
+    def xadd(*args, **kwargs):
+        raise redis.ConnectionError("the test cut Redis off")
+
+    inbox = chat.subscribe(room, "Al", None)[0]
+    monkeypatch.setattr(chat.redis, "xadd", xadd)
+    chat.unsubscribe(room, inbox)  # a stream that closes while Redis is down: no error
+
+
 def test_resuming_at_the_newest_id_sends_only_new_messages(base, room, follow):
     ids = [post(base, room, f"message {n}") for n in range(3)]
     resumed = follow(base, room, last_id=ids[-1])
@@ -321,18 +350,96 @@ def test_quiet_streams_carry_keep_alive_comments(client, room, monkeypatch):
     response = client.get(f"/rooms/{room}/events", headers=bearer(token_for("Alice")))
     body = iter(response.response)
     assert next(body) == b"retry: 2000\n\n"
+    # One keep-alive after another, and the stream still carries a message after them.
     assert next(body) == b": keep-alive\n\n"
+    assert next(body) == b": keep-alive\n\n"
+    message_id = client.post(
+        f"/rooms/{room}/messages", json={"text": "still here"}, headers=bearer(token_for("Bob"))
+    ).json["id"]
+    while (chunk := next(body)) == b": keep-alive\n\n":
+        pass
+    assert chunk.startswith(f"id: {message_id}\nevent: message\n".encode())
     response.close()
 
 
 def test_presence_counts_open_streams_per_user(base, room, follow, monkeypatch):
     monkeypatch.setattr(server, "HEARTBEAT", 0.05)  # a stream that lost its client notices soon
+    # Presence is rewritten every PRESENCE_TTL / 3 seconds anyway: 20 s here, beyond what
+    # wait_until waits, so each change below shows because the change itself wrote it.
+    monkeypatch.setitem(server.app.config, "PRESENCE_TTL", 60)
     assert presence(base, room) == {}
     alice = [follow(base, room, "Alice") for _ in range(2)]
     follow(base, room, "Bob")
     wait_until(lambda: presence(base, room) == {"Alice": 2, "Bob": 1})
     alice[0].close()
     wait_until(lambda: presence(base, room) == {"Alice": 1, "Bob": 1})
+
+
+def test_a_join_that_redis_fails_halfway_leaves_no_one_behind(
+    chat, base, room, follow, monkeypatch
+):
+    # The join has added its inbox when reading the history fails: the inbox must go again,
+    # or it would wait for messages for ever and presence would count its user.
+    monkeypatch.setitem(server.app.config, "PRESENCE_TTL", 60)  # see the test above
+    follow(base, room, "Bob")
+    wait_until(lambda: presence(base, room) == {"Bob": 1})
+
+    def xrange(*args, **kwargs):
+        raise redis.ConnectionError("the test cut Redis off")
+
+    with monkeypatch.context() as cut:
+        cut.setattr(chat.redis, "xrange", xrange)
+        response = requests.get(
+            f"{base}/rooms/{room}/events",
+            headers={**bearer(token_for("Alice")), "Last-Event-ID": "1-0"},
+            timeout=WAIT,
+        )
+    assert response.status_code == 503, response.text
+    follow(base, room, "Carol")  # counted after Alice's join failed
+    wait_until(lambda: presence(base, room) == {"Bob": 1, "Carol": 1})
+
+
+def test_the_reader_blocks_between_messages_instead_of_spinning(chat, base, room, follow):
+    # Each XREAD waits for something new; one that returned the same wake-up again and again
+    # would spin, using a core and Redis, with nothing to show but its count of reads.
+    alice = follow(base, room, "Alice")
+    post(base, room, "first")
+    alice.wait_for(1)
+    reads = chat.reads
+    for n in range(3):
+        post(base, room, f"more {n}")
+        alice.wait_for(2 + n)
+    assert chat.reads - reads <= 10
+
+
+def test_while_redis_is_down_the_reader_waits_a_second_between_tries(monkeypatch, caplog):
+    tries, parked = threading.Semaphore(0), threading.Event()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the third wait parks the reader for good
+        waits.append(seconds)
+        tries.release()
+        if len(waits) == 3:
+            parked.wait()
+
+    monkeypatch.setattr(rooms, "sleep", sleep)
+    down = redis.Redis(port=free_port(), decode_responses=True)  # nothing listens there
+    rooms.Broker(down, {"QUEUE": 10, "PRESENCE_TTL": 30}, server.message_event)
+    for _ in range(3):
+        assert tries.acquire(timeout=WAIT), "the reader never waited"
+    assert waits == [1, 1, 1]
+    # It says so once, not at every try.
+    assert caplog.text.count("Redis failed") == 1
+
+
+def test_a_join_reaches_up_to_the_newest_id_by_number_not_by_text(chat, room):
+    # "5-10" comes after "5-9", though not as text: where the stream starts, and where an
+    # `overflow` tells its client to resume, must be 5-10.
+    for message_id in ("5-9", "5-10"):
+        chat.redis.xadd(f"chat:{room}", {"user": "Al", "text": message_id}, id=message_id)
+    inbox, gap, kept, sent = chat.subscribe(room, "Bob", "5-9")
+    chat.unsubscribe(room, inbox)
+    assert (gap, [message_id for message_id, _ in kept], sent) == (None, ["5-10"], "5-10")
 
 
 def test_a_slow_subscriber_is_let_go_with_overflow(chat, client, room, monkeypatch):
@@ -436,6 +543,13 @@ def test_bad_messages_get_400(client, body, error):
 
 
 @only_in_process
+def test_rooms_of_any_case_take_texts_whose_first_line_is_blank(client):
+    headers = bearer(token_for("Alice"))
+    text = "\n  \nafter two blank lines"
+    response = client.post("/rooms/Lobby-B.2/messages", json={"text": text}, headers=headers)
+    assert response.status_code == 201, response.text
+
+
 def test_the_longest_message_is_taken(client):
     headers = bearer(token_for("Alice"))
     longest = "😀" * 1000  # 12 bytes each once escaped as JSON: still under the body limit
@@ -452,6 +566,13 @@ def test_bodies_that_are_not_json_or_too_big(client):
     huge = client.post("/rooms/lobby/messages", json={"text": "x" * 20_000}, headers=headers)
     assert huge.status_code == 413, huge.text
     assert huge.json["error"]
+    # 16 KiB exactly is taken, one byte more is not (spaces pad the JSON, not the text).
+    headers["Content-Type"] = "application/json"
+    for padding, status in [(0, 201), (1, 413)]:
+        body = '{"text": "hi"}'
+        body = body[:-1] + " " * (16 * 1024 - len(body) + padding) + "}"
+        answer = client.post("/rooms/lobby/messages", data=body, headers=headers)
+        assert answer.status_code == status, answer.text
 
 
 @only_in_process
@@ -510,11 +631,17 @@ def test_the_server_says_which_backend_serves_the_rooms(monkeypatch, caplog, red
     monkeypatch.delitem(server.app.extensions, "chat", raising=False)
     monkeypatch.delenv("REDIS_URL", raising=False)
     server.broker()
-    assert "REDIS_URL is unset: rooms live in this process, which serves them alone" in caplog.text
+    said = [record.getMessage() for record in caplog.records]
+    assert said == [
+        "REDIS_URL is unset: rooms live in this process, which serves them alone (no other "
+        "worker or host sees them)"
+    ]
     park(server.app.extensions.pop("chat"))
     monkeypatch.setenv("REDIS_URL", redis_server.url)
+    caplog.clear()
     server.broker()
-    assert "rooms are in Redis: every process that shares it serves them" in caplog.text
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["rooms are in Redis: every process that shares it serves them"]
     park(server.app.extensions.pop("chat"))  # not left for the tests that follow
 
 
@@ -530,6 +657,36 @@ def test_the_server_starts_while_redis_is_down_and_answers_503(monkeypatch):
     parked, broker = threading.Event(), server.app.extensions.pop("chat")
     broker.write_presence = lambda: parked.set() or threading.Event().wait()
     assert parked.wait(WAIT), "the reader never tried again"
+
+
+def test_the_server_serves_when_started_as_its_docstring_says(tmp_path, monkeypatch):
+    # python stream_server_chat.py, with no REDIS_URL: the rooms in this one process.
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    port, log = free_port(), tmp_path / "chat.log"
+    # Ctrl-C reaches it as in a terminal, even where this run ignores SIGINT (started in the
+    # background by a script): a handler, unlike an ignored signal, is not inherited.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = run_step("stream_server_chat.py", log, port)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        minted = requests.post(f"{base}/generate_token", json={"user_id": "Al"}, timeout=WAIT)
+        bob = Follower(base, "lobby", "Bob")
+        posted = requests.post(
+            f"{base}/rooms/lobby/messages", json={"text": "hello"}, timeout=WAIT,
+            headers=bearer(minted.json()["access_token"]),
+        )
+        assert posted.status_code == 201, posted.text
+        [message] = bob.wait_for(1)
+        assert (message["user"], message["text"]) == ("Al", "hello")
+        bob.close()
+        process.send_signal(signal.SIGINT)  # Ctrl-C: it exits, its reader thread with it
+        process.wait(WAIT)
+    finally:
+        stop_step(process)
+    assert "REDIS_URL is unset: rooms live in this process" in log.read_text()
 
 
 def test_a_history_below_one_is_refused_at_start():

@@ -3,6 +3,7 @@ client."""
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -226,8 +227,29 @@ def test_without_redis_url_the_first_use_says_reuse_is_detected_in_this_process_
     fresh = refresh_tokens.RefreshTokenLedger()  # as under gunicorn
     monkeypatch.setattr(refresh_tokens, "ledger", fresh)
     assert "REDIS_URL" not in caplog.text  # nothing said at import or when made
-    assert refresh(client, pair(client)["refresh_token"]).status_code == 200
-    assert "REDIS_URL is unset: reuse is detected within this process only" in caplog.text
+    renewed = refresh(client, pair(client)["refresh_token"])
+    assert renewed.status_code == 200
+    # Chosen once: the next uses neither say it again nor choose again.
+    assert refresh(client, renewed.json["refresh_token"]).status_code == 200
+    said = [record.getMessage() for record in caplog.records]
+    assert [line for line in said if "REDIS_URL" in line] == [
+        "REDIS_URL is unset: reuse is detected within this process only"
+    ]
+
+
+def test_in_memory_the_ledger_forgets_each_entry_once_its_token_expires(monkeypatch):
+    clock = [1_000_000.0]
+    monkeypatch.setattr(refresh_tokens, "time", lambda: clock[0])
+    ledger = refresh_tokens.ledger  # in memory
+    assert ledger.add("a", 1_000_010) and ledger.add("b", 1_000_020)
+    assert not ledger.add("a", 1_000_010)  # used already
+    assert ledger.has("a") and len(ledger) == 2
+    clock[0] = 1_000_010.0  # a's token has expired: nothing it guards is valid any more
+    assert not ledger.has("a") and ledger.has("b")
+    assert ledger.add("c", 1_000_030)  # each addition drops what has expired
+    assert len(ledger) == 2  # b and c: bounded memory, however many tokens were ever used
+    clock[0] = 1_000_020.0
+    assert not ledger.has("b") and ledger.has("c")
 
 
 @pytest.mark.parametrize("redis_up", [True, False], ids=["Redis up", "Redis down"])
@@ -241,11 +263,16 @@ def test_with_redis_url_the_start_says_whether_redis_answers(
         refresh_tokens.RefreshTokenLedger().open(redis_url)
     finally:
         redis_server.start()
+    [said] = [record.getMessage() for record in caplog.records]
     if redis_up:
-        assert "REDIS_URL is set: used refresh tokens are kept in Redis" in caplog.text
-    else:
-        assert "REDIS_URL is set, but Redis does not answer" in caplog.text
-        assert "kept in Redis" not in caplog.text
+        assert said == "REDIS_URL is set: used refresh tokens are kept in Redis"
+    else:  # and why, in redis-py's words
+        why = r"Error \d+ connecting to 127\.0\.0\.1:\d+\. Connection refused\."
+        assert re.fullmatch(
+            rf"REDIS_URL is set, but Redis does not answer \({why}\): "
+            r"refreshes fail with 503 until it does",
+            said,
+        ), said
 
 
 @pytest.fixture

@@ -2,14 +2,20 @@
 
 import itertools
 import os
+import re
+import select
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
 
 import pytest
-from flask import Flask
+from flask import Flask, Response, request
 
 import stream_client_sse as sse_client
 import stream_server_multiuser
 import stream_server_sse as server
-from helpers import free_port
+from helpers import ROOT, WAIT, free_port, only_help
 from stream_client_sse import Event, SSEParser
 
 pytestmark = pytest.mark.step(server)
@@ -190,6 +196,8 @@ def test_client_prints_events_as_they_come(serve, pauses, capsys):
         "#2 chunk: chunk 2 of 2 for Alice",
         "end: end of stream",
     ]
+    # Each line starts with the seconds since the client started: a few, never less than 0.
+    assert all(re.match(r"\+\d\.\d\ds  ", line) for line in lines), lines
 
 
 def test_client_resumes_after_the_server_drops_the_connection(
@@ -207,7 +215,22 @@ def test_client_prints_the_token_text(serve, pauses, capsys):
     assert sse_client.main(["--tokens", "--url", serve(server.app)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Server-Sent Events carry text from a server to a browser")
-    assert out.rstrip().endswith("end: end of stream")
+    _, end = out.splitlines()  # the words on one line; the end on its own
+    assert re.fullmatch(r"\+\d+\.\d\ds  end: end of stream", end)
+
+
+def test_client_stops_quietly_on_ctrl_c(monkeypatch, capsys):
+    def interrupted(url, params):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(sse_client, "follow", interrupted)
+    assert sse_client.main([]) == 130  # the usual exit status after Ctrl-C
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_client_script_runs_as_a_program():
+    assert only_help("stream_client_sse.py")
 
 
 def test_client_reports_bad_input_and_a_missing_server(serve, capsys):
@@ -253,3 +276,161 @@ def test_the_url_is_the_servers_base_url(serve, pauses, capsys):
         "error: --url takes the server's http(s) base URL such as http://127.0.0.1:5000, "
         f"not {url}/events/User1\n",
     )
+
+
+# follow(): when to reconnect, how long to wait, when to give up
+
+
+@pytest.fixture
+def scripted(serve, monkeypatch):
+    """scripted(*bodies) serves one body per connection, in turn, as a text/event-stream,
+    and gives its URL and the Last-Event-ID of each request; the client's waits between
+    connections are recorded in `waits` instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(sse_client, "time", SimpleNamespace(sleep=waits.append, monotonic=None))
+
+    def start(*bodies: str) -> tuple[str, list]:
+        app, left, seen = Flask("scripted"), list(bodies), []
+
+        @app.get("/events")
+        def events():
+            """The next body in the script, whole; then the connection closes."""
+            seen.append(request.headers.get("Last-Event-ID"))
+            assert request.headers["Accept"] == "text/event-stream"  # what it asks for
+            return Response(left.pop(0), mimetype="text/event-stream")
+
+        return f"{serve(app)}/events", seen
+
+    start.waits = waits
+    return start
+
+
+def test_follow_gives_up_after_five_reconnections_that_bring_nothing(scripted, capsys):
+    url, seen = scripted("id: 1\ndata: one\n\n", *[""] * 5)
+    events = sse_client.follow(url, {})
+    assert next(events) == Event("message", "one", "1")
+    with pytest.raises(sse_client.StreamError) as raised:
+        next(events)
+    assert str(raised.value) == (
+        "the server closed the stream before its end, and 5 reconnections failed"
+    )
+    assert seen == [None, *["1"] * 5]  # the first try and five more, each resuming after 1
+    assert scripted.waits == [2.0] * 5  # before each of those five; no `retry:` came: 2 s
+    out = capsys.readouterr().out
+    assert "(the server closed the stream before its end; resuming after event 1 in 2s)" in out
+
+
+def test_follow_counts_only_failures_in_a_row(scripted):
+    # Each connection brings one event and then closes: never five failures in a row.
+    bodies = [f"id: {n}\ndata: {n}\n\n" for n in range(1, 9)] + ["event: end\ndata: done\n\n"]
+    url, seen = scripted(*bodies)
+    events = list(sse_client.follow(url, {}))
+    assert [event.data for event in events] == [*map(str, range(1, 9)), "done"]
+    assert seen == [None, *map(str, range(1, 9))]
+
+
+def test_follow_waits_as_long_as_the_server_asks(scripted):
+    url, _ = scripted("retry: 150\nid: 1\ndata: one\n\n", "event: end\ndata: done\n\n")
+    assert [event.data for event in sse_client.follow(url, {})] == ["one", "done"]
+    assert scripted.waits == [0.15]
+
+
+def test_follow_reconnects_when_the_server_falls_silent(serve, monkeypatch):
+    # READ_TIMEOUT (70 s, longer than any pause the server makes) ends a read that waits
+    # longer: a server or a network that hangs without closing is a lost connection.
+    monkeypatch.setattr(sse_client, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(sse_client, "time", SimpleNamespace(sleep=lambda seconds: None))
+    released, seen, outwaited = threading.Event(), [], threading.Event()
+    app = Flask("silent")
+
+    @app.get("/events")
+    def events():
+        """One event, then silence until the test ends; the next connection gets `end`."""
+        seen.append(request.headers.get("Last-Event-ID"))
+
+        def silent():
+            yield "id: 1\ndata: one\n\n"
+            if not released.wait(WAIT):  # the client waited on: the server ends it instead
+                outwaited.set()
+
+        body = silent() if len(seen) == 1 else iter(["event: end\ndata: done\n\n"])
+        return Response(body, mimetype="text/event-stream")
+
+    try:
+        events = list(sse_client.follow(f"{serve(app)}/events", {}))
+    finally:
+        released.set()
+    assert [event.data for event in events] == ["one", "done"]
+    assert seen == [None, "1"]
+    assert not outwaited.is_set(), "the client never let the silent connection go"
+
+
+def test_follow_gives_up_as_well_when_no_connection_ever_brought_an_event(scripted, capsys):
+    url, seen = scripted(*[""] * 6)
+    with pytest.raises(sse_client.StreamError, match="5 reconnections failed"):
+        list(sse_client.follow(url, {}))
+    assert seen == [None] * 6  # the first try and five more, from the start each time
+    said = "(the server closed the stream before its end; resuming after event none in 2s)"
+    assert capsys.readouterr().out.splitlines() == [said] * 5
+
+
+def test_the_help_says_what_the_client_does(capsys):
+    with pytest.raises(SystemExit) as raised:
+        sse_client.main(["--help"])
+    assert raised.value.code == 0
+    assert "\nPrint Server-Sent Events as they arrive.\n" in capsys.readouterr().out
+
+
+def test_the_clients_defaults_and_help(serve, monkeypatch, capsys):
+    asked = []
+    app = Flask("recorder")
+
+    @app.get("/<path:path>")
+    def anything(path):
+        """Say what was asked for, and end at once."""
+        asked.append((path, dict(request.args)))
+        return Response("event: end\ndata: done\n\n", mimetype="text/event-stream")
+
+    url = serve(app)
+    assert sse_client.main(["--url", url]) == 0
+    assert sse_client.main(["--url", url, "--tokens"]) == 0
+    assert asked == [
+        ("events/User1", {"count": "10", "interval": "1.0"}),
+        ("tokens", {"interval": "0.15"}),
+    ]
+    for option, value in [("--count", "2.5"), ("--interval", "soon")]:  # refused at once
+        with pytest.raises(SystemExit) as raised:
+            sse_client.main(["--url", url, option, value])
+        assert raised.value.code == 2
+    assert len(asked) == 2  # no request for those
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        sse_client.main(["--help"])
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for line in [
+        "user whose feed to follow",
+        f"--url URL server URL (default: {sse_client.DEFAULT_URL})",
+        "--count COUNT events to ask for",
+        "--interval INTERVAL seconds between events",
+        "--tokens stream a text word by word",
+    ]:
+        assert line in lines
+
+
+@pytest.mark.parametrize(
+    "argv", [["--count", "2", "--interval", "1"], ["--tokens"]], ids=["events", "tokens"]
+)
+def test_the_client_shows_each_event_while_the_stream_goes_on(serve, gated, argv):
+    # Into a pipe, as much as to a terminal: print() would otherwise hold the text back in
+    # its buffer until the stream ends.
+    command = [sys.executable, "stream_client_sse.py", "--url", serve(server.app), *argv]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as for a user
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE) as client:
+        try:
+            gated.wait_for_pause()  # the first event is out; the next waits at the gate
+            assert select.select([client.stdout], [], [], WAIT)[0], "nothing shown meanwhile"
+            assert os.read(client.stdout.fileno(), 1024)
+        finally:
+            gated.open()
+            client.wait(WAIT)
