@@ -1554,6 +1554,10 @@ def report(results: dict) -> list[str]:
         for t in results["targets"]
     ]
     lines.append("")
+    def section(title: str, rows: list[dict]) -> None:
+        """A part's heading, then its table with every column."""
+        lines.extend([f"## {title}", "", *table(rows, list(rows[0])), ""])
+
     if rows := results.get("streams"):
         columns = [c for c in rows[0] if c != "chunks/s, runs"]
         lines += ["## Streams: step 2's app, one at a time and 10-500 at once", ""]
@@ -1570,54 +1574,42 @@ def report(results: dict) -> list[str]:
             "",
         ]
     if rows := results.get("capacity"):
-        lines += [
-            f"## Capacity: N paced streams at once on one process ({settings['chunks']} chunks, "
+        section(
+            f"Capacity: N paced streams at once on one process ({settings['chunks']} chunks, "
             f"{settings['interval']:g} s apart)",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     if rows := results.get("fanout"):
-        lines += [
-            f"## Fan-out: the chat step, one poster at {settings['rate']:g} messages/s for "
+        section(
+            f"Fan-out: the chat step, one poster at {settings['rate']:g} messages/s for "
             f"{settings['seconds']:g} s",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     if rows := results.get("completions"):
-        lines += [
-            f"## Completions: step 9 and its peer, {TOKENS} tokens each at {PACE:g} tokens/s, "
+        section(
+            f"Completions: step 9 and its peer, {TOKENS} tokens each at {PACE:g} tokens/s, "
             "on one process",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     if rows := results.get("relay"):
-        lines += [
-            f"## Relay: step 9 as a gateway, {TOKENS} tokens each at {PACE:g} tokens/s from an "
+        section(
+            f"Relay: step 9 as a gateway, {TOKENS} tokens each at {PACE:g} tokens/s from an "
             "upstream that notes when it wrote each; then, in front of step 9, the clients "
             "leave one at a time",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     if rows := results.get("viewers"):
-        lines += [
-            "## Viewers: step 10 and its peer, a sample a second, for "
+        section(
+            "Viewers: step 10 and its peer, a sample a second, for "
             f"{settings['seconds']:g} s once all are open",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     if rows := results.get("dashboard"):
-        lines += [
-            f"## Dashboard: step 10's viewers, a sample every {DASHBOARD_EVERY:g} s, for "
+        section(
+            f"Dashboard: step 10's viewers, a sample every {DASHBOARD_EVERY:g} s, for "
             f"{settings['seconds']:g} s once all are open; one in {STALLED} reads nothing",
-            "",
-            *table(rows, list(rows[0])),
-            "",
-        ]
+            rows,
+        )
     return lines
 
 
