@@ -155,7 +155,9 @@ class Server:
         answer, for check_status; or a StreamError that says the post may or may not be stored,
         because a try that got no answer may have been stored."""
         headers = {**headers, "Idempotency-Key": uuid.uuid4().hex}  # one key, every try
-        for pause in (*pauses, None):
+        for pause in (0, *pauses):  # no pause before the first try
+            if pause:
+                time.sleep(pause)
             try:
                 response = requests.post(url, json=body, headers=headers, timeout=(3.05, 10))
                 if response.status_code != 503:
@@ -163,8 +165,5 @@ class Server:
                 problem = f"{url} answered 503"
             except requests.RequestException as error:
                 problem = f"{url} gave no answer ({error})"
-            if pause is None:
-                tries = len(pauses) + 1
-                raise StreamError(f"{problem}, {tries} times: it may or may not have been stored")
-            time.sleep(pause)
-        raise AssertionError("unreachable: the last pause is None")
+        tries = len(pauses) + 1
+        raise StreamError(f"{problem}, {tries} times: it may or may not have been stored")
