@@ -32,8 +32,8 @@ timeout = 30
 # systemd) is the graceful one: the workers stop accepting and give the requests under
 # way graceful_timeout seconds to finish, then gunicorn ends them. A stream may run for
 # hours, so waiting gunicorn's default 30 s only delays every stop and restart; 5 s lets
-# a token request finish. The clients of cut
-# streams see the connection close without the final chunk.
+# a token request finish. The clients of cut streams see the connection close without the
+# final chunk.
 graceful_timeout = 5
 # Seconds a client may accept no data before its stream is ended and its thread or greenlet
 # freed; gunicorn has no such limit, so post_worker_init below puts it on every request's
